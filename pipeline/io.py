@@ -1,0 +1,63 @@
+"""Atomic file and directory output: nothing is ever left half-written under a final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_output_dir", "json_bytes"]
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Deterministic, human-readable JSON (sorted keys, trailing newline)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+@contextmanager
+def atomic_output_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``path`` only if the block succeeds.
+
+    On any exception the temporary directory is removed and an existing ``path`` is left untouched,
+    so a failed run never leaves a partial output that looks complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
