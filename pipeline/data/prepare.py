@@ -1,0 +1,191 @@
+"""The ``prepare`` stage's logic: labelled images -> deterministic ``train``/``val`` WebDataset shards.
+
+Determinism: subsets, the held-out split and the sample order come from seeded generators; PNG
+encoding, tar entries (fixed mtime, sorted extensions) and JSON (sorted keys) are byte-stable, and
+encoding in worker processes keeps the input order. The same source and params give identical bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.config import PrepareConfig, resolved_config
+from pipeline.data.shards import INDEX_FORMAT, write_shards
+from pipeline.data.sources import DataSourceError, Record, load_fashion_mnist, scan_imagefolder
+from pipeline.io import atomic_output_dir, json_bytes
+
+__all__ = ["prepare_dataset", "balanced_subset", "encode_record", "load_source"]
+
+log = logging.getLogger(__name__)
+_SPLIT_IDS = {"train": 0, "val": 1}
+
+
+def load_source(cfg: PrepareConfig) -> tuple[dict[str, list[Record]], list[str]]:
+    if cfg.source == "fashion_mnist":
+        return load_fashion_mnist(cfg.root)
+    return scan_imagefolder(cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_fraction, cfg.seed)
+
+
+def balanced_subset(labels: np.ndarray, limit: Optional[int], num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a class-balanced random subset of ``limit`` items (all items when ``limit`` is None).
+
+    Each class gets ``limit // K`` items (the remainder goes to the lowest class ids); a class with
+    too few items gives its unused share to the others (water-filling). Returned in ascending order.
+    """
+    labels = np.asarray(labels)
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    counts = np.bincount(labels, minlength=num_classes)
+    quota = np.zeros(num_classes, dtype=np.int64)
+    remaining = limit
+    while remaining > 0:
+        active = np.flatnonzero(counts - quota > 0)
+        share = np.full(len(active), remaining // len(active))
+        share[: remaining % len(active)] += 1
+        add = np.minimum(counts[active] - quota[active], share)
+        quota[active] += add
+        remaining -= int(add.sum())
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[: quota[c]] for c in range(num_classes)]
+    return np.sort(np.concatenate(chosen))
+
+
+def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def encode_record(rec: Record, resize: Optional[int], jpeg_quality: int) -> tuple[Optional[dict], Optional[str]]:
+    """Encode one record into a WebDataset sample, or return ``(None, reason)`` if it cannot be read.
+
+    Decoded arrays become lossless PNG. JPEG files are passed through byte for byte unless a resize
+    is asked for (then re-encoded as JPEG); other files are decoded and stored as PNG.
+    """
+    try:
+        if rec.pixels is not None:
+            img, fmt, raw = Image.fromarray(rec.pixels), None, None
+        else:
+            raw = rec.path.read_bytes()
+            img = Image.open(io.BytesIO(raw))
+            fmt = img.format
+            img.load()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        return None, f"{type(exc).__name__}: {exc}"
+    orig_size = list(img.size)
+    if fmt == "JPEG" and resize is None:
+        ext, data = "jpg", raw
+    else:
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGB")
+        if resize is not None:
+            img = _resize_shorter(img, resize)
+        if fmt == "JPEG":
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=jpeg_quality)
+            ext, data = "jpg", buf.getvalue()
+        else:
+            ext, data = "png", _png(img)
+    meta = {"source": rec.source_id, "orig_size": orig_size}
+    sample = {
+        "__key__": rec.key,
+        ext: data,
+        "cls": str(rec.label).encode(),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+    return sample, None
+
+
+def _encoded(records: list[Record], cfg: PrepareConfig, split: str, skipped: list[str]) -> Iterator[dict]:
+    """Encode ``records`` in order (worker processes when asked), applying the corrupt-file policy."""
+    fn = partial(encode_record, resize=cfg.resize, jpeg_quality=cfg.jpeg_quality)
+    workers = (os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
+    bar = tqdm(total=len(records), desc=f"prepare {split}", unit="img", mininterval=1.0)
+    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(records) > 256 else _NoPool() as pool:
+        for rec, (sample, error) in zip(records, pool.imap(fn, records, chunksize=64)):
+            bar.update()
+            if error is None:
+                yield sample
+                continue
+            where = rec.path if rec.path is not None else rec.source_id
+            if cfg.on_corrupt == "fail":
+                raise DataSourceError(
+                    f"{where}: cannot decode image ({error}). Fix or remove the file, "
+                    "or set prepare.on_corrupt: skip to skip unreadable images"
+                )
+            log.warning("skipping unreadable image %s (%s)", where, error)
+            skipped.append(rec.source_id)
+    bar.close()
+
+
+class _NoPool:
+    """In-process stand-in for ``multiprocessing.Pool`` (``imap`` and context manager)."""
+
+    def __enter__(self) -> "_NoPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def imap(self, fn, items, chunksize: int = 1):
+        return map(fn, items)
+
+
+def prepare_dataset(cfg: PrepareConfig, out_dir: str | Path) -> dict:
+    """Build the shard set in ``out_dir`` (replaced atomically on success) and return its metrics."""
+    splits, classes = load_source(cfg)  # fails on a missing/malformed source before any output
+    index: dict = {"format": INDEX_FORMAT, "source": cfg.source, "classes": classes, "splits": {}, "skipped": {}}
+    with atomic_output_dir(out_dir) as tmp:
+        for split, records in splits.items():
+            labels = np.array([r.label for r in records], dtype=np.int64)
+            limit = cfg.train_limit if split == "train" else cfg.val_limit
+            rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split]])
+            chosen = balanced_subset(labels, limit, len(classes), rng)
+            order = chosen[rng.permutation(len(chosen))]  # mixed classes inside every shard
+            selected = [records[i] for i in order]
+            skipped: list[str] = []
+            shards = write_shards(_encoded(selected, cfg, split, skipped), tmp / split, split, cfg.shard_size)
+            if len(selected) and len(skipped) > cfg.max_skip_fraction * len(selected):
+                raise DataSourceError(
+                    f"{split}: skipped {len(skipped)} of {len(selected)} images, more than "
+                    f"prepare.max_skip_fraction={cfg.max_skip_fraction}; first: {skipped[:5]}"
+                )
+            dropped = set(skipped)
+            kept = np.array([r.label for r in selected if r.source_id not in dropped], dtype=np.int64)
+            if kept.size == 0:
+                raise DataSourceError(f"{split}: no images left to write (source {cfg.root})")
+            index["splits"][split] = {
+                "num_samples": int(kept.size),
+                "class_counts": np.bincount(kept, minlength=len(classes)).tolist(),
+                "shards": shards,
+            }
+            index["skipped"][split] = sorted(skipped)
+        (tmp / "index.json").write_bytes(json_bytes(index))
+        (tmp / "config.json").write_bytes(resolved_config(cfg, "prepare"))
+    return {
+        "num_classes": len(classes),
+        **{
+            split: {
+                "num_samples": s["num_samples"],
+                "num_shards": len(s["shards"]),
+                "skipped": len(index["skipped"][split]),
+            }
+            for split, s in index["splits"].items()
+        },
+    }
