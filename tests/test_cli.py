@@ -1,0 +1,53 @@
+"""The `semmae` command: help, clean errors before any output, and a full prepare run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_params
+
+BIN = Path(sys.executable).parent
+
+
+def semmae(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(["semmae", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_stage(tmp_path):
+    res = semmae("--help", cwd=tmp_path)
+    assert res.returncode == 0 and "prepare" in res.stdout and "dvc repro" in res.stdout
+    res = semmae("prepare", "--help", cwd=tmp_path)
+    assert res.returncode == 0 and "--params" in res.stdout and "ImageFolder" in res.stdout
+
+
+def test_bad_parameter_fails_cleanly_before_any_output(tmp_path, fake_fmnist):
+    root, _ = fake_fmnist
+    write_params(tmp_path / "params.yaml", prepare={"root": str(root), "shard_size": 0})
+    res = semmae("prepare", "--out", "data/prepared", "--metrics", "m.json", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "prepare.shard_size" in res.stderr and "greater than 0" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_missing_dataset_fails_cleanly(tmp_path):
+    write_params(tmp_path / "params.yaml", prepare={"root": str(tmp_path / "none")})
+    res = semmae("prepare", cwd=tmp_path)
+    assert res.returncode == 2 and "dataset-fashion-mnist" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_prepare_writes_shards_index_config_and_metrics(tmp_path, fake_fmnist):
+    root, _ = fake_fmnist
+    write_params(tmp_path / "p.yaml", prepare={"root": str(root), "train_limit": 50, "val_limit": 20, "shard_size": 20})
+    res = semmae("prepare", "--params", "p.yaml", "--out", "o", "--metrics", "metrics/prepare.json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
+    assert metrics["train"] == {"num_samples": 50, "num_shards": 3, "skipped": 0}
+    assert metrics["val"]["num_samples"] == 20 and metrics["num_classes"] == 10
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "index.json", "train", "val"]

@@ -1,0 +1,80 @@
+"""Stage configs: invalid params fail at load time with the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, write_params
+from pipeline.config import ConfigError, PrepareConfig, load_stage_config, resolved_config
+
+
+def load(tmp_path, **prepare):
+    return load_stage_config(PrepareConfig, write_params(tmp_path / "params.yaml", prepare=prepare), "prepare")
+
+
+def test_repository_params_load_and_match_the_embedded_default():
+    cfg = load_stage_config(PrepareConfig, REPO / "params.yaml", "prepare")
+    assert cfg == PrepareConfig()  # params.yaml spells out the defaults
+    assert (cfg.source, cfg.train_limit, cfg.val_limit) == ("fashion_mnist", 5000, 1000)
+
+
+def test_valid_values_are_accepted(tmp_path):
+    cfg = load(tmp_path, source="imagefolder", root="/data/in", val_dir="val", train_limit=None, resize=64)
+    assert cfg.source == "imagefolder" and cfg.val_dir == "val" and cfg.train_limit is None and cfg.resize == 64
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("shard_size", 0, "greater than 0"),
+        ("shard_size", "100", "valid integer"),
+        ("train_limit", 2.5, "valid integer"),
+        ("val_fraction", 1.5, "less than 1"),
+        ("source", "cifar", "'fashion_mnist' or 'imagefolder'"),
+        ("on_corrupt", "ignore", "'fail' or 'skip'"),
+        ("jpeg_quality", 101, "less than or equal to 100"),
+        ("seed", -1, "greater than or equal to 0"),
+        ("val_dir", "../elsewhere", "relative to root"),
+    ],
+)
+def test_invalid_value_names_key_value_and_allowed(tmp_path, key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, **{key: value})
+    msg = str(err.value)
+    assert f"prepare.{key}" in msg or key in msg
+    assert repr(value) in msg
+    assert expected in msg
+    assert "params.yaml" in msg
+
+
+def test_unknown_key_is_rejected_with_allowed_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'prepare.shardsize'.*allowed keys: .*shard_size"):
+        load(tmp_path, shardsize=10)
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, shard_size=-1, seed="x")
+    assert "prepare.shard_size" in str(err.value) and "prepare.seed" in str(err.value)
+
+
+def test_missing_file_bad_yaml_and_bad_section(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_stage_config(PrepareConfig, tmp_path / "nope.yaml", "prepare")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prepare: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_stage_config(PrepareConfig, bad, "prepare")
+    bad.write_text("prepare: 3\n")
+    with pytest.raises(ConfigError, match="section 'prepare' must be a mapping"):
+        load_stage_config(PrepareConfig, bad, "prepare")
+
+
+def test_resolved_config_is_complete_and_deterministic(tmp_path):
+    cfg = load(tmp_path, shard_size=7)
+    data = resolved_config(cfg, "prepare")
+    assert data == resolved_config(load(tmp_path, shard_size=7), "prepare")
+    resolved = json.loads(data)["prepare"]
+    assert resolved["shard_size"] == 7 and set(resolved) == set(PrepareConfig.model_fields)

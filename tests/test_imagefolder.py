@@ -1,0 +1,131 @@
+"""`prepare` on an ImageFolder tree the test writes itself: mixed sizes, JPEG + PNG, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_imagefolder
+from pipeline.config import PrepareConfig
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.shards import decode_image, iter_samples, read_index, shard_paths
+from pipeline.data.sources import DataSourceError
+
+
+def cfg_for(root: Path, **kw) -> PrepareConfig:
+    base = dict(source="imagefolder", root=str(root), train_limit=None, val_limit=None, shard_size=8, num_workers=0)
+    return PrepareConfig(**{**base, **kw})
+
+
+def samples(out: Path, split: str) -> list[dict]:
+    return list(iter_samples(shard_paths(out, split)))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    train = make_imagefolder(root / "train", {"zebra": 7, "cat": 6, "dog": 5}, seed=1)
+    val = make_imagefolder(root / "val", {"cat": 3, "dog": 2}, seed=2)
+    return root, train, val
+
+
+def test_val_folder_labels_passthrough_and_round_trip(folder, tmp_path):
+    root, train_files, val_files = folder
+    metrics = prepare_dataset(cfg_for(root, val_dir="val"), tmp_path / "out")
+    index = read_index(tmp_path / "out")
+    assert index["classes"] == ["cat", "dog", "zebra"]  # class index = sorted folder names
+    assert metrics["train"]["num_samples"] == 18 and metrics["val"]["num_samples"] == 5
+    assert index["splits"]["val"]["class_counts"] == [3, 2, 0]
+    for split, files in (("train", train_files), ("val", val_files)):
+        got = samples(tmp_path / "out", split)
+        assert sorted(s["json"]["source"] for s in got) == sorted(files)
+        for s in got:
+            src = files[s["json"]["source"]]
+            assert "." not in s["__key__"]
+            assert s["cls"] == index["classes"].index(src.parent.name)
+            with Image.open(src) as im:
+                assert s["json"]["orig_size"] == list(im.size)
+                if src.suffix == ".JPEG":
+                    assert s["ext"] == "jpg" and s["image"] == src.read_bytes()  # passed through unchanged
+                else:
+                    assert s["ext"] == "png"
+                    mode = "L" if im.mode == "L" else "RGB"
+                    np.testing.assert_array_equal(
+                        np.asarray(decode_image(s["image"], mode=mode)), np.asarray(im.convert(mode))
+                    )
+
+
+def test_held_out_fraction_partitions_each_class_deterministically(folder, tmp_path):
+    root, train_files, _ = folder
+    prepare_dataset(cfg_for(root, val_fraction=0.3), tmp_path / "a")
+    prepare_dataset(cfg_for(root, val_fraction=0.3), tmp_path / "b")
+    train = {s["json"]["source"] for s in samples(tmp_path / "a", "train")}
+    val = {s["json"]["source"] for s in samples(tmp_path / "a", "val")}
+    assert train.isdisjoint(val) and train | val == set(train_files)
+    assert read_index(tmp_path / "a")["splits"]["val"]["class_counts"] == [2, 2, 2]  # round(0.3 * 6|5|7)
+    assert (tmp_path / "a" / "val" / "val-000000.tar").read_bytes() == (tmp_path / "b" / "val" / "val-000000.tar").read_bytes()
+
+
+def test_resize_reencodes_jpeg_with_shorter_side(folder, tmp_path):
+    root, train_files, _ = folder
+    prepare_dataset(cfg_for(root, val_dir="val", resize=16), tmp_path / "out")
+    for s in samples(tmp_path / "out", "train"):
+        img = decode_image(s["image"])
+        assert min(img.size) == 16
+        src = train_files[s["json"]["source"]]
+        assert s["ext"] == ("jpg" if src.suffix == ".JPEG" else "png")
+        if s["ext"] == "jpg":
+            assert s["image"] != src.read_bytes()
+
+
+def test_empty_class_folder_is_an_error(folder, tmp_path):
+    root, _, _ = folder
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataSourceError, match=r"class folder .*train/empty holds no JPEG/PNG images"):
+        prepare_dataset(cfg_for(root, val_dir="val"), tmp_path / "out")
+
+
+def test_no_class_folders_or_missing_root(tmp_path):
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "train" / "a.png")
+    with pytest.raises(DataSourceError, match="has no class sub-folders"):
+        prepare_dataset(cfg_for(tmp_path / "flat"), tmp_path / "out")
+    with pytest.raises(DataSourceError, match=r"imagefolder root .*missing not found"):
+        prepare_dataset(cfg_for(tmp_path / "missing"), tmp_path / "out")
+    with pytest.raises(DataSourceError, match=r"val directory .*flat/valid not found"):
+        prepare_dataset(cfg_for(tmp_path / "flat", train_dir=".", val_dir="valid"), tmp_path / "out")
+
+
+def test_val_class_unknown_to_train_is_an_error(folder, tmp_path):
+    root, _, _ = folder
+    make_imagefolder(root / "val", {"horse": 1})
+    with pytest.raises(DataSourceError, match=r"class folders not in .*\['horse'\]"):
+        prepare_dataset(cfg_for(root, val_dir="val"), tmp_path / "out")
+
+
+def test_corrupt_image_fails_naming_the_file_and_keeps_previous_output(folder, tmp_path):
+    root, train_files, _ = folder
+    out = tmp_path / "out"
+    prepare_dataset(cfg_for(root, val_dir="val"), out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = root / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(next(p for p in train_files.values() if p.suffix == ".JPEG").read_bytes()[:100])
+    with pytest.raises(DataSourceError, match=r"broken\.jpg: cannot decode image .*on_corrupt: skip"):
+        prepare_dataset(cfg_for(root, val_dir="val"), out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out"]  # no temporary leftovers
+
+
+def test_skip_policy_counts_skipped_images_and_enforces_the_limit(folder, tmp_path):
+    root, _, _ = folder
+    (root / "train" / "cat" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    metrics = prepare_dataset(cfg_for(root, val_dir="val", on_corrupt="skip", max_skip_fraction=0.1), tmp_path / "a")
+    assert metrics["train"] == {"num_samples": 18, "num_shards": 3, "skipped": 1}
+    assert read_index(tmp_path / "a")["skipped"]["train"] == ["cat/garbage.png"]
+    with pytest.raises(DataSourceError, match=r"skipped 1 of 19 images, more than prepare.max_skip_fraction=0.01"):
+        prepare_dataset(cfg_for(root, val_dir="val", on_corrupt="skip", max_skip_fraction=0.01), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
