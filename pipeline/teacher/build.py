@@ -1,0 +1,92 @@
+"""The ``teacher`` stage's logic: load an official iBOT checkpoint or train one, then measure it.
+
+Either way the result is saved in iBOT's official ``checkpoint_teacher.pth`` format, so one loader
+serves every later stage, and its quality is measured by k-NN accuracy next to two references
+(a randomly initialised ViT of the same shape, and raw pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from pipeline.config import TeacherConfig, resolved_config
+from pipeline.data.images import load_split
+from pipeline.data.shards import read_index
+from pipeline.eval.knn import encode_cls, knn_accuracy
+from pipeline.io import atomic_output_dir
+from pipeline.models.checkpoint import (
+    CheckpointError, build_vit, file_sha256, load_backbone, load_checkpoint_file, save_backbone,
+)
+from pipeline.teacher.train import train_ibot
+
+__all__ = ["build_teacher", "teacher_vit", "load_teacher"]
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "checkpoint_teacher.pth"
+
+
+def teacher_vit(cfg: TeacherConfig):
+    """A randomly initialised ViT of the configured shape."""
+    return build_vit(cfg.arch, cfg.img_size, cfg.patch_size, cfg.depth, cfg.num_heads, cfg.embed_dim)
+
+
+def load_teacher(teacher_dir: str | Path):
+    """The frozen teacher written by the ``teacher`` stage: ``(vit, its TeacherConfig, checkpoint sha256)``."""
+    teacher_dir = Path(teacher_dir)
+    cfg_path, ckpt = teacher_dir / "config.json", teacher_dir / CHECKPOINT_NAME
+    if not cfg_path.is_file() or not ckpt.is_file():
+        raise CheckpointError(f"{teacher_dir} holds no {CHECKPOINT_NAME} + config.json: run the teacher stage first")
+    cfg = TeacherConfig.model_validate(json.loads(cfg_path.read_text())["teacher"])
+    vit = load_backbone(teacher_vit(cfg), ckpt)
+    for p in vit.parameters():
+        p.requires_grad_(False)
+    return vit.eval(), cfg, file_sha256(ckpt)
+
+
+def build_teacher(
+    cfg: TeacherConfig,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    device: Optional[torch.device] = None,
+    log_step: Optional[Callable[[int, dict], None]] = None,
+    max_steps: Optional[int] = None,
+) -> dict:
+    """Write ``out_dir/checkpoint_teacher.pth`` (+ ``config.json``) and return the quality metrics."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    read_index(prepared_dir)  # a missing shard set fails here, before anything is loaded
+    if cfg.init == "checkpoint":
+        load_checkpoint_file(cfg.checkpoint)  # unreadable/unsafe file fails before the images are decoded
+        vit = load_backbone(teacher_vit(cfg), cfg.checkpoint)  # wrong architecture fails here too
+    train_x, train_y, _ = load_split(prepared_dir, "train", cfg.img_size)
+    val_x, val_y, _ = load_split(prepared_dir, "val", cfg.img_size)
+
+    metrics: dict = {"init": cfg.init}
+    if cfg.init == "checkpoint":
+        metrics["source_sha256"] = file_sha256(cfg.checkpoint)
+    else:
+        torch.manual_seed(cfg.train.seed)
+        vit, stats = train_ibot(teacher_vit(cfg), train_x, cfg.train, device, log_step, max_steps)
+        metrics["train"] = stats
+
+    k = cfg.knn_k
+    feats = lambda model, x, name: encode_cls(model, x, cfg.eval_batch_size, device, desc=f"k-NN {name}")  # noqa: E731
+    metrics["knn_teacher"] = knn_accuracy(feats(vit, train_x, "teacher/train"), train_y, feats(vit, val_x, "teacher/val"), val_y, k)
+    torch.manual_seed(cfg.train.seed + 12345)
+    rand = teacher_vit(cfg)
+    metrics["knn_random_vit"] = knn_accuracy(feats(rand, train_x, "random/train"), train_y, feats(rand, val_x, "random/val"), val_y, k)
+    metrics["knn_raw_pixels"] = knn_accuracy(train_x.flatten(1).float(), train_y, val_x.flatten(1).float(), val_y, k)
+    metrics["knn_margin_over_random"] = metrics["knn_teacher"] - metrics["knn_random_vit"]
+    log.info(
+        "k-NN top-1 (k=%d): teacher %.4f, random ViT %.4f, raw pixels %.4f",
+        k, metrics["knn_teacher"], metrics["knn_random_vit"], metrics["knn_raw_pixels"],
+    )  # fmt: skip
+    with atomic_output_dir(out_dir) as tmp:
+        save_backbone(vit, tmp / CHECKPOINT_NAME, dtype=getattr(torch, cfg.save_dtype))
+        (tmp / "config.json").write_bytes(resolved_config(cfg, "teacher"))
+    metrics["checkpoint_sha256"] = file_sha256(Path(out_dir) / CHECKPOINT_NAME)
+    return metrics

@@ -1,0 +1,44 @@
+"""DVC stage ``teacher``: an official iBOT checkpoint, or one trained here, saved in the official format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from pipeline.config import TeacherConfig, load_stage_config
+from pipeline.io import atomic_write_json
+
+log = logging.getLogger("semmae.teacher")
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its 'teacher' section is read."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Shard set written by `semmae prepare`."),
+    out: Path = typer.Option(Path("data/teacher"), help="Output directory: checkpoint_teacher.pth + config.json."),
+    metrics: Path = typer.Option(Path("metrics/teacher.json"), help="k-NN quality of teacher, random ViT, raw pixels."),
+    plots: Path = typer.Option(Path("metrics/teacher_train"), help="dvclive directory of the training curves."),
+    max_steps: int = typer.Option(None, help="Stop training after this many steps (smoke tests)."),
+) -> None:
+    """Load (teacher.init=checkpoint) or train with the iBOT objective (teacher.init=train) the frozen ViT.
+
+    Both paths save OUT/checkpoint_teacher.pth in iBOT's official backbone format and report the
+    k-NN accuracy (cosine, CLS after the final norm, val against train) of the teacher, of a random
+    ViT of the same shape and of raw pixels.
+    """
+    from dvclive import Live
+
+    from pipeline.teacher.build import build_teacher
+
+    cfg = load_stage_config(TeacherConfig, params, "teacher")
+    log.info("teacher: init=%s arch=%s img_size=%d patch=%s", cfg.init, cfg.arch, cfg.img_size, cfg.patch_size)
+    with Live(dir=str(plots), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+
+        def log_step(step: int, stats: dict) -> None:
+            for name, value in stats.items():
+                live.log_metric(name, value)
+            live.next_step()
+
+        result = build_teacher(cfg, prepared, out, log_step=log_step, max_steps=max_steps)
+    atomic_write_json(metrics, result)
