@@ -10,7 +10,7 @@ from typing import Callable
 import typer
 
 from pipeline.errors import PipelineError
-from stages import prepare
+from stages import extract, prepare, teacher
 
 app = typer.Typer(
     name="semmae",
@@ -46,6 +46,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 
 app.command("prepare")(_clean_errors(prepare.main))
+app.command("teacher")(_clean_errors(teacher.main))
+app.command("extract")(_clean_errors(extract.main))
 
 if __name__ == "__main__":
     app()

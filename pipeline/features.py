@@ -1,0 +1,205 @@
+"""Teacher feature shards: CLS + patch tokens of a frozen ViT per prepared image, as Arrow IPC files.
+
+Why Arrow IPC (not Parquet): the part learner reads these features many times; IPC files are
+memory-mapped and read without decoding or copying, while Parquet's encodings and compression
+gain little on fp16 activations and cost a decode on every read.
+
+Layout (``out_dir``)::
+
+    index.json                     format, teacher (arch, grid, dim, checkpoint sha256), rows per file
+    config.json                    resolved extract parameters
+    train/train-000000.arrow ...   one file per input shard (so the result does not depend on the
+    val/val-000000.arrow ...       number of processes that wrote it)
+
+Columns: ``key`` (string), ``label`` (int32), ``cls_token`` (fixed_size_list<float16>[C]),
+``patch_tokens`` (fixed_size_list<float16>[H*W*C], row-major ``[H*W, C]``). The schema metadata
+repeats the teacher description.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from pipeline import distributed as D
+from pipeline.config import ExtractConfig, resolved_config
+from pipeline.data.images import normalize, to_square
+from pipeline.data.shards import decode_image, iter_samples, read_index
+from pipeline.errors import PipelineError
+from pipeline.io import json_bytes
+from pipeline.teacher.build import load_teacher
+
+__all__ = ["FEATURES_FORMAT", "FeatureError", "extract_features", "read_features_index", "load_features", "select_ordinals"]
+
+FEATURES_FORMAT = "semmae-features/1"
+log = logging.getLogger(__name__)
+
+
+class FeatureError(PipelineError):
+    """Feature shards are missing, inconsistent or from another teacher."""
+
+
+def select_ordinals(total: int, limit: Optional[int], seed: int, split: str) -> Optional[set[int]]:
+    """Seeded subset of sample ordinals (position in shard order) of a split; None = all."""
+    if limit is None or limit >= total:
+        return None
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split]])
+    return set(rng.choice(total, size=limit, replace=False).tolist())
+
+
+def _schema(dim: int, tokens: int, meta: dict) -> pa.Schema:
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("label", pa.int32()),
+            ("cls_token", pa.list_(pa.float16(), dim)),
+            ("patch_tokens", pa.list_(pa.float16(), tokens * dim)),
+        ],
+        metadata={"semmae": json.dumps(meta, sort_keys=True)},
+    )
+
+
+def _batch(keys: list[str], labels: list[int], cls: np.ndarray, patches: np.ndarray, schema: pa.Schema) -> pa.RecordBatch:
+    dim = cls.shape[1]
+    return pa.record_batch(
+        [
+            pa.array(keys, pa.string()),
+            pa.array(labels, pa.int32()),
+            pa.FixedSizeListArray.from_arrays(pa.array(cls.reshape(-1)), dim),
+            pa.FixedSizeListArray.from_arrays(pa.array(patches.reshape(-1)), patches.shape[1] * dim),
+        ],
+        schema=schema,
+    )
+
+
+@torch.no_grad()
+def _extract_shard(vit, shard: Path, wanted: Optional[set[int]], first_ordinal: int, out: Path,
+                   schema: pa.Schema, img_size: int, batch_size: int, device: torch.device, bar) -> int:  # fmt: skip
+    prefix = vit.num_prefix_tokens
+    rows = 0
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        buf: list[tuple[str, int, np.ndarray]] = []
+
+        def flush() -> None:
+            x = torch.from_numpy(np.stack([b[2] for b in buf])).to(device).float() / 255
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                tokens = vit.forward_features(normalize(x))  # [B, 1 + L, C]
+            tokens = tokens.to(torch.float16).cpu().numpy()
+            writer.write_batch(_batch([b[0] for b in buf], [b[1] for b in buf], tokens[:, 0], tokens[:, prefix:], schema))
+            bar.update(len(buf))
+            buf.clear()
+
+        for i, sample in enumerate(iter_samples([str(shard)])):
+            if wanted is not None and first_ordinal + i not in wanted:
+                continue
+            buf.append((sample["__key__"], sample["cls"], to_square(decode_image(sample["image"]), img_size)))
+            rows += 1
+            if len(buf) == batch_size:
+                flush()
+        if buf:
+            flush()
+    return rows
+
+
+def extract_features(cfg: ExtractConfig, prepared_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path) -> dict:
+    """Write feature shards for ``cfg.splits``; under ``torchrun`` each rank takes every world-th shard."""
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    index = read_index(prepared_dir)
+    vit, tcfg, teacher_sha = load_teacher(teacher_dir)  # fails on a bad teacher before any output
+    D.init_distributed()
+    device = D.device_for_rank()
+    vit.eval().to(device)
+    grid = list(vit.patch_embed.grid_size)
+    meta = {"format": FEATURES_FORMAT, "arch": tcfg.arch, "img_size": tcfg.img_size, "patch_size": tcfg.patch_size,
+            "grid": grid, "dim": vit.embed_dim, "teacher_sha256": teacher_sha}  # fmt: skip
+    schema = _schema(vit.embed_dim, grid[0] * grid[1], meta)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")  # shared by every rank
+    if D.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    D.barrier()
+    jobs = []
+    for split in cfg.splits:
+        shards = index["splits"][split]["shards"]
+        wanted = select_ordinals(index["splits"][split]["num_samples"], cfg.limit, cfg.seed, split)
+        first = np.cumsum([0] + [s["num_samples"] for s in shards])
+        counts = np.diff(first if wanted is None else np.searchsorted(np.sort(list(wanted)), first))
+        (tmp / split).mkdir(exist_ok=True)
+        for j, shard in enumerate(shards):
+            jobs.append((split, j, shard["file"], wanted, int(first[j]), int(counts[j])))
+    mine = jobs[D.rank() :: D.world_size()]
+    bar = tqdm(total=sum(j[5] for j in mine), desc="extract", unit="img", disable=not D.is_main(), mininterval=1.0)
+    try:
+        for split, _, name, wanted, first, _ in mine:
+            out = tmp / split / name.replace(".tar", ".arrow")
+            _extract_shard(vit, prepared_dir / split / name, wanted, first, out, schema, tcfg.img_size, cfg.batch_size, device, bar)
+    except Exception:
+        D.cleanup()
+        raise
+    bar.close()
+    D.barrier()
+    result = {}
+    if D.is_main():
+        splits = {}
+        for split in cfg.splits:
+            files = []
+            for path in sorted((tmp / split).glob("*.arrow")):
+                with pa.memory_map(str(path)) as src:
+                    files.append({"file": path.name, "num_rows": pa.ipc.open_file(src).read_all().num_rows})
+            splits[split] = {"num_rows": sum(f["num_rows"] for f in files), "files": files}
+        (tmp / "index.json").write_bytes(json_bytes({"format": FEATURES_FORMAT, "teacher": meta, "splits": splits}))
+        (tmp / "config.json").write_bytes(resolved_config(cfg, "extract"))
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        result = {"dim": vit.embed_dim, "grid": grid, **{f"{s}_rows": v["num_rows"] for s, v in splits.items()}}
+    D.barrier()
+    D.cleanup()
+    return result
+
+
+def read_features_index(features_dir: str | Path) -> dict:
+    path = Path(features_dir) / "index.json"
+    if not path.is_file():
+        raise FeatureError(f"{path} not found: {features_dir} is not a feature set (run the extract stage)")
+    index = json.loads(path.read_text())
+    if index.get("format") != FEATURES_FORMAT:
+        raise FeatureError(f"{path}: format {index.get('format')!r}, expected {FEATURES_FORMAT!r}")
+    return index
+
+
+def load_features(features_dir: str | Path, split: str) -> dict[str, np.ndarray]:
+    """All rows of ``split``: ``key [N]``, ``label [N]``, ``cls [N, C]`` and ``patches [N, L, C]`` (fp16)."""
+    features_dir = Path(features_dir)
+    index = read_features_index(features_dir)
+    if split not in index["splits"]:
+        raise FeatureError(f"{features_dir}/index.json has no split {split!r} (has {sorted(index['splits'])})")
+    tables = []
+    for f in index["splits"][split]["files"]:
+        with pa.memory_map(str(features_dir / split / f["file"])) as src:
+            tables.append(pa.ipc.open_file(src).read_all())
+    table = pa.concat_tables(tables)
+    dim = index["teacher"]["dim"]
+
+    def matrix(column: str) -> np.ndarray:
+        col = table.column(column).combine_chunks()
+        return col.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, -1, dim)
+
+    return {
+        "key": np.array(table.column("key").to_pylist()),
+        "label": table.column("label").to_numpy(),
+        "cls": matrix("cls_token")[:, 0],
+        "patches": matrix("patch_tokens"),
+    }
