@@ -142,11 +142,11 @@ def _ordered_pair(value: list[float], key: str) -> None:
 class TeacherTrainConfig(StageConfig):
     """``teacher.train``: the iBOT objective, used when ``teacher.init`` is ``train``."""
 
-    epochs: int = Field(100, gt=0, description="Passes over the prepared train split.")
+    epochs: int = Field(50, gt=0, description="Passes over the prepared train split.")
     batch_size: int = Field(64, gt=0, description="Images per step (global, over all ranks).")
-    base_lr: float = Field(5e-4, gt=0, description="AdamW peak lr = base_lr * batch_size / 256.")
+    base_lr: float = Field(1e-3, gt=0, description="AdamW peak lr = base_lr * batch_size / 256.")
     min_lr: float = Field(1e-6, ge=0)
-    warmup_epochs: float = Field(10, ge=0)
+    warmup_epochs: float = Field(5, ge=0)
     weight_decay: float = Field(0.04, ge=0, description="Cosine-scheduled from this ...")
     weight_decay_end: float = Field(0.4, ge=0, description="... to this (no decay on biases, norms, tokens).")
     momentum_teacher: float = Field(0.99, ge=0, le=1, description="EMA momentum, cosine-scheduled to 1.")
@@ -158,7 +158,7 @@ class TeacherTrainConfig(StageConfig):
     out_dim: int = Field(256, gt=1, description="Prototypes of the projection head.")
     head_hidden_dim: int = Field(512, gt=0)
     head_bottleneck_dim: int = Field(128, gt=0)
-    n_local_crops: int = Field(4, ge=0)
+    n_local_crops: int = Field(2, ge=0)
     local_size: int = Field(16, gt=0, description="Side of local crops in pixels (a multiple of the patch size).")
     global_scale: list[float] = Field([0.4, 1.0], min_length=2, max_length=2)
     local_scale: list[float] = Field([0.05, 0.4], min_length=2, max_length=2)
@@ -192,9 +192,9 @@ class TeacherConfig(StageConfig):
     arch: str = Field("vit_tiny_patch16_224", min_length=1, description="timm ViT name.")
     img_size: int = Field(32, gt=0, description="Input resolution of the teacher.")
     patch_size: Optional[int] = Field(4, gt=0, description="Override of the arch's patch size; null = keep.")
-    depth: Optional[int] = Field(6, gt=0, description="Override of the arch's depth; null = keep.")
-    num_heads: Optional[int] = Field(None, gt=0)
-    embed_dim: Optional[int] = Field(None, gt=0)
+    depth: Optional[int] = Field(4, gt=0, description="Override of the arch's depth; null = keep.")
+    num_heads: Optional[int] = Field(4, gt=0, description="Override of the arch's heads; null = keep.")
+    embed_dim: Optional[int] = Field(128, gt=0, description="Override of the arch's width; null = keep.")
     knn_k: int = Field(20, gt=0, description="k of the k-NN quality check (cosine, CLS after the final norm).")
     eval_batch_size: int = Field(256, gt=0)
     save_dtype: Literal["float16", "float32"] = "float16"

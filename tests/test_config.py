@@ -7,7 +7,9 @@ import json
 import pytest
 
 from conftest import REPO, write_params
-from pipeline.config import ConfigError, PrepareConfig, load_stage_config, resolved_config
+from pipeline.config import (
+    ConfigError, ExtractConfig, PrepareConfig, TeacherConfig, load_stage_config, resolved_config,
+)
 
 
 def load(tmp_path, **prepare):
@@ -18,6 +20,17 @@ def test_repository_params_load_and_match_the_embedded_default():
     cfg = load_stage_config(PrepareConfig, REPO / "params.yaml", "prepare")
     assert cfg == PrepareConfig()  # params.yaml spells out the defaults
     assert (cfg.source, cfg.train_limit, cfg.val_limit) == ("fashion_mnist", 5000, 1000)
+
+
+@pytest.mark.parametrize(("model", "section"), [(TeacherConfig, "teacher"), (ExtractConfig, "extract")])
+def test_every_repository_section_loads_and_spells_out_the_defaults(model, section):
+    assert load_stage_config(model, REPO / "params.yaml", section) == model()
+
+
+def test_nested_unknown_key_lists_the_nested_keys(tmp_path):
+    params = write_params(tmp_path / "params.yaml", teacher={"train": {"epochz": 3}})
+    with pytest.raises(ConfigError, match=r"unknown key 'teacher.train.epochz'.*allowed keys: base_lr, batch_size"):
+        load_stage_config(TeacherConfig, params, "teacher")
 
 
 def test_valid_values_are_accepted(tmp_path):
