@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from pipeline import distributed as D
 from pipeline.config import ExtractConfig, resolved_config
@@ -35,6 +33,7 @@ from pipeline.data.images import normalize, to_square
 from pipeline.data.shards import decode_image, iter_samples, read_index
 from pipeline.errors import PipelineError
 from pipeline.io import json_bytes
+from pipeline.sharded import run_sharded
 from pipeline.teacher.build import load_teacher
 
 __all__ = ["FEATURES_FORMAT", "FeatureError", "extract_features", "read_features_index", "load_features", "select_ordinals"]
@@ -122,33 +121,23 @@ def extract_features(cfg: ExtractConfig, prepared_dir: str | Path, teacher_dir: 
             "grid": grid, "dim": vit.embed_dim, "teacher_sha256": teacher_sha}  # fmt: skip
     schema = _schema(vit.embed_dim, grid[0] * grid[1], meta)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")  # shared by every rank
-    if D.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    D.barrier()
-    jobs = []
+    jobs, sizes = [], []
     for split in cfg.splits:
         shards = index["splits"][split]["shards"]
         wanted = select_ordinals(index["splits"][split]["num_samples"], cfg.limit, cfg.seed, split)
         first = np.cumsum([0] + [s["num_samples"] for s in shards])
         counts = np.diff(first if wanted is None else np.searchsorted(np.sort(list(wanted)), first))
-        (tmp / split).mkdir(exist_ok=True)
         for j, shard in enumerate(shards):
-            jobs.append((split, j, shard["file"], wanted, int(first[j]), int(counts[j])))
-    mine = jobs[D.rank() :: D.world_size()]
-    bar = tqdm(total=sum(j[5] for j in mine), desc="extract", unit="img", disable=not D.is_main(), mininterval=1.0)
-    try:
-        for split, _, name, wanted, first, _ in mine:
-            out = tmp / split / name.replace(".tar", ".arrow")
-            _extract_shard(vit, prepared_dir / split / name, wanted, first, out, schema, tcfg.img_size, cfg.batch_size, device, bar)
-    except Exception:
-        D.cleanup()
-        raise
-    bar.close()
-    D.barrier()
-    result = {}
-    if D.is_main():
+            jobs.append((split, shard["file"], wanted, int(first[j])))
+            sizes.append(int(counts[j]))
+
+    def work(job, tmp: Path, bar) -> None:
+        split, name, wanted, first = job
+        (tmp / split).mkdir(exist_ok=True)
+        out = tmp / split / name.replace(".tar", ".arrow")
+        _extract_shard(vit, prepared_dir / split / name, wanted, first, out, schema, tcfg.img_size, cfg.batch_size, device, bar)
+
+    def finalize(tmp: Path) -> dict:
         splits = {}
         for split in cfg.splits:
             files = []
@@ -158,16 +147,9 @@ def extract_features(cfg: ExtractConfig, prepared_dir: str | Path, teacher_dir: 
             splits[split] = {"num_rows": sum(f["num_rows"] for f in files), "files": files}
         (tmp / "index.json").write_bytes(json_bytes({"format": FEATURES_FORMAT, "teacher": meta, "splits": splits}))
         (tmp / "config.json").write_bytes(resolved_config(cfg, "extract"))
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        result = {"dim": vit.embed_dim, "grid": grid, **{f"{s}_rows": v["num_rows"] for s, v in splits.items()}}
-    D.barrier()
-    D.cleanup()
-    return result
+        return {"dim": vit.embed_dim, "grid": grid, **{f"{s}_rows": v["num_rows"] for s, v in splits.items()}}
+
+    return run_sharded(out_dir, jobs, work, finalize, sizes, desc="extract")
 
 
 def read_features_index(features_dir: str | Path) -> dict:
