@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.errors import PipelineError
 
 __all__ = [
-    "ConfigError", "StageConfig", "PrepareConfig", "TeacherConfig", "TeacherTrainConfig", "ExtractConfig", "PartsConfig",
+    "ConfigError", "StageConfig", "PrepareConfig", "TeacherConfig", "TeacherTrainConfig", "ExtractConfig", "PartsConfig", "ExportPartsConfig",
     "load_stage_config", "resolved_config",
 ]
 
@@ -234,6 +234,9 @@ class PartsConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0)
     decoder_channels: int = Field(32, gt=0)
     style_dim: int = Field(32, gt=0)
+    temperature: float = Field(
+        0.1, gt=0, description="Softmax temperature of the part maps: S = P F^T / (sqrt(C) * temperature)."
+    )
     blur_size: int = Field(3, ge=1, description="Side of the fixed Gaussian blur on the part maps (odd).")
     blur_sigma: float = Field(1.0, gt=0)
     diversity_weight: float = Field(1.0, ge=0, description="Weight of the overlap penalty between part maps.")
@@ -248,3 +251,13 @@ class PartsConfig(StageConfig):
         if self.min_share * self.num_parts >= 1:
             raise ValueError(f"min_share={self.min_share} x num_parts={self.num_parts} must stay below 1")
         return self
+
+
+class ExportPartsConfig(StageConfig):
+    """``export_parts``: argmax part maps of every prepared image, in shards beside the images."""
+
+    grid: Optional[int] = Field(
+        8, gt=0, description="Side of the MAE patch grid the maps are stored on (image size / MAE patch size); "
+        "null = the teacher's grid. Soft maps are resized before the argmax when it differs."
+    )  # fmt: skip
+    batch_size: int = Field(256, gt=0, description="Images per teacher forward pass (per process).")

@@ -177,7 +177,7 @@ def load_features(features_dir: str | Path, split: str) -> dict[str, np.ndarray]
 
     def matrix(column: str) -> np.ndarray:
         col = table.column(column).combine_chunks()
-        return col.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, -1, dim)
+        return col.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, -1, dim).copy()
 
     return {
         "key": np.array(table.column("key").to_pylist()),

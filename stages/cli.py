@@ -10,7 +10,7 @@ from typing import Callable
 import typer
 
 from pipeline.errors import PipelineError
-from stages import extract, prepare, teacher
+from stages import export_parts, extract, prepare, teacher, train_parts
 
 app = typer.Typer(
     name="semmae",
@@ -48,6 +48,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 app.command("prepare")(_clean_errors(prepare.main))
 app.command("teacher")(_clean_errors(teacher.main))
 app.command("extract")(_clean_errors(extract.main))
+app.command("train_parts")(_clean_errors(train_parts.main))
+app.command("export_parts")(_clean_errors(export_parts.main))
 
 if __name__ == "__main__":
     app()

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO, write_params
 from pipeline.config import (
-    ConfigError, ExtractConfig, PrepareConfig, TeacherConfig, load_stage_config, resolved_config,
+    ConfigError, ExportPartsConfig, ExtractConfig, PartsConfig, PrepareConfig, TeacherConfig, load_stage_config,
+    resolved_config,
 )
 
 
@@ -22,7 +23,10 @@ def test_repository_params_load_and_match_the_embedded_default():
     assert (cfg.source, cfg.train_limit, cfg.val_limit) == ("fashion_mnist", 5000, 1000)
 
 
-@pytest.mark.parametrize(("model", "section"), [(TeacherConfig, "teacher"), (ExtractConfig, "extract")])
+@pytest.mark.parametrize(
+    ("model", "section"),
+    [(TeacherConfig, "teacher"), (ExtractConfig, "extract"), (PartsConfig, "parts"), (ExportPartsConfig, "export_parts")],
+)
 def test_every_repository_section_loads_and_spells_out_the_defaults(model, section):
     assert load_stage_config(model, REPO / "params.yaml", section) == model()
 

@@ -49,6 +49,6 @@ def test_dvc_repro_prepare_runs_once_and_is_reproducible(tmp_path, real_fmnist):
         assert (repo / "data" / "prepared" / "index.json").is_file()
         again = run(["dvc", "repro", "prepare"], repo)
         assert "didn't change, skipping" in again and "Running stage" not in again
-        assert "up to date" in run(["dvc", "status"], repo)
+        assert "up to date" in run(["dvc", "status", "prepare"], repo)
         locks.append(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["prepare"]["outs"])
     assert locks[0] == locks[1]  # two independent runs: the same output hash

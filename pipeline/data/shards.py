@@ -7,27 +7,30 @@ A prepared shard set is a directory::
     val/val-000000.tar ...
 
 Each sample holds ``__key__``, the image (``png`` or ``jpg``), ``cls`` (ASCII int) and ``json``
-(source id, original size). Decoding only ever parses known extensions: nothing from a shard is
+(source id, original size); part shards add ``parts.npy`` (uint8 part ids on the MAE patch grid). Decoding only ever parses known extensions: nothing from a shard is
 unpickled or executed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 
 from pipeline.errors import PipelineError
+from pipeline.io import file_sha256
 
 __all__ = [
     "ShardFormatError",
     "INDEX_FORMAT",
     "write_shards",
+    "write_tar",
+    "iter_raw_samples",
     "read_index",
     "shard_paths",
     "iter_samples",
@@ -44,12 +47,18 @@ class ShardFormatError(PipelineError):
     """A shard, a sample or an index is missing or malformed; the message names it."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _tar_writer(path: Path) -> wds.TarWriter:
+    return wds.TarWriter(str(path), encoder=False, mtime=TAR_MTIME, user="", group="")
+
+
+def write_tar(path: Path, samples: Iterable[dict[str, Any]]) -> dict:
+    """Write ``samples`` into one tar at ``path`` (deterministic, see :func:`write_shards`); describe it."""
+    count = 0
+    with _tar_writer(path) as writer:
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+    return {"file": path.name, "num_samples": count, "sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def write_shards(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, shard_size: int) -> list[dict]:
@@ -65,7 +74,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, 
     def close() -> None:
         writer.close()
         path = out_dir / shards[-1]["file"]
-        shards[-1].update(num_samples=count, sha256=_sha256(path), bytes=path.stat().st_size)
+        shards[-1].update(num_samples=count, sha256=file_sha256(path), bytes=path.stat().st_size)
 
     for sample in samples:
         if writer is None or count == shard_size:
@@ -73,7 +82,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, 
                 close()
             name = f"{prefix}-{len(shards):06d}.tar"
             shards.append({"file": name})
-            writer = wds.TarWriter(str(out_dir / name), encoder=False, mtime=TAR_MTIME, user="", group="")
+            writer = _tar_writer(out_dir / name)
             count = 0
         writer.write(sample)
         count += 1
@@ -82,21 +91,21 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, 
     return shards
 
 
-def read_index(shard_dir: Union[str, Path]) -> dict:
-    """Load and sanity-check ``index.json`` of a prepared shard set."""
+def read_index(shard_dir: Union[str, Path], fmt: str = INDEX_FORMAT) -> dict:
+    """Load and sanity-check ``index.json`` of a shard set (``fmt``: prepared or part shards)."""
     path = Path(shard_dir) / "index.json"
     if not path.is_file():
         raise ShardFormatError(f"{path} not found: {shard_dir} is not a prepared shard set (run the prepare stage)")
     index = json.loads(path.read_text())
-    if index.get("format") != INDEX_FORMAT:
-        raise ShardFormatError(f"{path}: format {index.get('format')!r}, expected {INDEX_FORMAT!r}")
+    if index.get("format") != fmt:
+        raise ShardFormatError(f"{path}: format {index.get('format')!r}, expected {fmt!r}")
     return index
 
 
-def shard_paths(shard_dir: Union[str, Path], split: str) -> list[str]:
+def shard_paths(shard_dir: Union[str, Path], split: str, fmt: str = INDEX_FORMAT) -> list[str]:
     """The shard files of ``split``, in index order; each must exist."""
     shard_dir = Path(shard_dir)
-    index = read_index(shard_dir)
+    index = read_index(shard_dir, fmt)
     if split not in index["splits"]:
         raise ShardFormatError(f"{shard_dir}/index.json has no split {split!r} (has {sorted(index['splits'])})")
     paths = [shard_dir / split / s["file"] for s in index["splits"][split]["shards"]]
@@ -131,11 +140,20 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         raise ShardFormatError(f"{where}: malformed cls/json entry ({exc})") from None
     out = {"__key__": key, "__url__": url, "image": sample[image_keys[0]], "ext": image_keys[0], "cls": label}
     out["json"] = meta
+    if "parts.npy" in sample:
+        try:
+            out["parts"] = np.load(io.BytesIO(sample["parts.npy"]), allow_pickle=False)
+        except ValueError as exc:
+            raise ShardFormatError(f"{where}: malformed parts.npy ({exc})") from None
     return out
+
+
+def iter_raw_samples(paths: list[str]) -> Iterator[dict[str, Any]]:
+    """Iterate undecoded samples (bytes per entry) of ``paths`` in order (single process, no shuffling)."""
+    yield from wds.WebDataset(paths, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
 
 
 def iter_samples(paths: list[str]) -> Iterator[dict[str, Any]]:
     """Iterate decoded samples of ``paths`` in order (single process, no shuffling)."""
-    dataset = wds.WebDataset(paths, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    for sample in dataset:
+    for sample in iter_raw_samples(paths):
         yield decode_sample(sample)

@@ -15,7 +15,6 @@ beyond tensors and plain containers: a file that pickles anything else is refuse
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import pickle
 from pathlib import Path
@@ -27,7 +26,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_bytes
+from pipeline.io import atomic_write_bytes, file_sha256
 
 __all__ = [
     "CheckpointError",
@@ -36,7 +35,6 @@ __all__ = [
     "backbone_state_dict",
     "load_backbone",
     "save_backbone",
-    "file_sha256",
 ]
 
 _SAFE_GLOBALS = [argparse.Namespace]
@@ -67,14 +65,6 @@ def build_vit(
     if not isinstance(model, VisionTransformer):
         raise CheckpointError(f"timm model {arch!r} is a {type(model).__name__}, not a VisionTransformer")
     return model
-
-
-def file_sha256(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_checkpoint_file(path: Union[str, Path]) -> dict:

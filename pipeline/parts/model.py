@@ -3,7 +3,8 @@
 From the frozen teacher's final-norm CLS token ``c [B, C]`` and patch tokens ``F [B, L, C]``:
 
 1. part tokens ``P = reshape(MLP(c), N x C) + Q`` (``Q``: a learned per-part bias);
-2. maps ``S = P F^T / sqrt(C)`` -> softmax over the N parts (a soft partition) -> ``[B, N, H, W]``;
+2. maps ``S = P F^T / sqrt(C)`` (divided by a temperature, 1 = the paper's form) -> softmax over
+   the N parts (a soft partition) -> ``[B, N, H, W]``;
 3. a fixed depthwise Gaussian blur;
 4. a StyleGAN-style decoder reconstructs the image from the blurred maps, taking style from ``c``
    through AdaIN in every upsampling block;
@@ -64,13 +65,13 @@ class PartLearner(nn.Module):
     def __init__(
         self, dim: int, grid: tuple[int, int], num_parts: int = 6, image_size: int = 32,
         decoder_channels: int = 64, style_dim: int = 64, blur_size: int = 3, blur_sigma: float = 1.0,
-        out_channels: int = 3,
+        out_channels: int = 3, temperature: float = 1.0,
     ):  # fmt: skip
         super().__init__()
         ups = math.log2(image_size / grid[0])
         if grid[0] != grid[1] or ups != int(ups) or ups < 0:
             raise ValueError(f"image_size={image_size} must be the square grid {grid} times a power of two")
-        self.dim, self.grid, self.num_parts = dim, tuple(grid), num_parts
+        self.dim, self.grid, self.num_parts, self.temperature = dim, tuple(grid), num_parts, temperature
         self.part_mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, num_parts * dim))
         self.part_bias = nn.Parameter(torch.randn(num_parts, dim) * 0.02)  # Q
         self.register_buffer("blur", gaussian_kernel(blur_size, blur_sigma).expand(num_parts, 1, -1, -1).clone())
@@ -81,10 +82,10 @@ class PartLearner(nn.Module):
         self.to_rgb = nn.Conv2d(decoder_channels, out_channels, 1)
 
     def part_logits(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        """``S = P F^T / sqrt(C)``: ``cls [B, C]``, ``patches [B, L, C]`` -> ``[B, N, H, W]``."""
+        """``S = P F^T / (sqrt(C) * temperature)``: ``cls [B, C]``, ``patches [B, L, C]`` -> ``[B, N, H, W]``."""
         b = cls.shape[0]
         parts = self.part_mlp(cls).view(b, self.num_parts, self.dim) + self.part_bias  # P [B, N, C]
-        logits = parts @ patches.transpose(1, 2) / math.sqrt(self.dim)  # [B, N, L]
+        logits = parts @ patches.transpose(1, 2) / (math.sqrt(self.dim) * self.temperature)  # [B, N, L]
         return logits.view(b, self.num_parts, *self.grid)
 
     def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict[str, torch.Tensor]:

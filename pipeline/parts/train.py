@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def build_part_learner(cfg: PartsConfig, dim: int, grid: tuple[int, int], image_size: int) -> PartLearner:
     torch.manual_seed(cfg.seed)
     return PartLearner(dim, grid, cfg.num_parts, image_size, cfg.decoder_channels, cfg.style_dim,
-                       cfg.blur_size, cfg.blur_sigma)  # fmt: skip
+                       cfg.blur_size, cfg.blur_sigma, temperature=cfg.temperature)  # fmt: skip
 
 
 def reconstruction_targets(images: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,8 @@ from pipeline.config import TeacherConfig, resolved_config
 from pipeline.data.images import load_split
 from pipeline.data.shards import read_index
 from pipeline.eval.knn import encode_cls, knn_accuracy
-from pipeline.io import atomic_output_dir
-from pipeline.models.checkpoint import (
-    CheckpointError, build_vit, file_sha256, load_backbone, load_checkpoint_file, save_backbone,
-)
+from pipeline.io import atomic_output_dir, file_sha256
+from pipeline.models.checkpoint import CheckpointError, build_vit, load_backbone, load_checkpoint_file, save_backbone
 from pipeline.teacher.train import train_ibot
 
 __all__ = ["build_teacher", "teacher_vit", "load_teacher"]

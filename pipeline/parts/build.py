@@ -1,0 +1,149 @@
+"""The ``train_parts`` stage's logic: fit the part learner (or take attention heads) and judge it.
+
+Metrics (on the validation split's argmax maps, before any blur) for the chosen method and three
+references, so a reader sees what the teacher's features add: parts from the teacher's attention
+heads, k-means (N clusters) on the teacher's patch tokens, and the same part learner trained on a
+randomly initialised teacher of the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import PartsConfig, resolved_config
+from pipeline.data.images import load_split, normalize
+from pipeline.features import FeatureError, load_features, read_features_index
+from pipeline.io import atomic_output_dir
+from pipeline.parts.figures import part_overlay_grid
+from pipeline.parts.metrics import attention_head_parts, cls_attention, kmeans, segmentation_stats
+from pipeline.parts.model import PartLearner
+from pipeline.parts.train import build_part_learner, losses, part_ids, train_part_learner
+from pipeline.teacher.build import load_teacher, teacher_vit
+
+__all__ = ["build_parts", "load_part_learner", "PARTS_CHECKPOINT"]
+
+log = logging.getLogger(__name__)
+PARTS_CHECKPOINT = "part_learner.pth"
+KMEANS_MAX_TOKENS = 50_000
+
+
+def _aligned_images(prepared_dir, split: str, size: int, keys: np.ndarray) -> torch.Tensor:
+    images, _, all_keys = load_split(prepared_dir, split, size)
+    pos = {k: i for i, k in enumerate(all_keys)}
+    missing = [k for k in keys[:5] if k not in pos]
+    if missing:
+        raise FeatureError(f"feature keys {missing} are not in the prepared {split} shards: features and shards differ")
+    return images[torch.tensor([pos[k] for k in keys])]
+
+
+@torch.no_grad()
+def _encode_tokens(vit, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 CLS ``[N, C]`` and patch tokens ``[N, L, C]``, exactly as the extract stage stores them."""
+    cls, patches = [], []
+    for i in range(0, len(images), batch_size):
+        t = vit.forward_features(normalize(images[i : i + batch_size].float() / 255)).half()
+        cls.append(t[:, 0])
+        patches.append(t[:, vit.num_prefix_tokens :])
+    return torch.cat(cls), torch.cat(patches)
+
+
+@torch.no_grad()
+def _attention_ids(vit, images: torch.Tensor, grid, batch_size: int = 256) -> torch.Tensor:
+    out = [attention_head_parts(cls_attention(vit, normalize(images[i : i + batch_size].float() / 255)), grid)
+           for i in range(0, len(images), batch_size)]  # fmt: skip
+    return torch.cat(out).to(torch.uint8)
+
+
+def _kmeans_ids(train_patches: torch.Tensor, val_patches: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    tokens = train_patches.flatten(0, 1)
+    g = torch.Generator().manual_seed(seed)
+    if len(tokens) > KMEANS_MAX_TOKENS:
+        tokens = tokens[torch.randperm(len(tokens), generator=g)[:KMEANS_MAX_TOKENS]]
+    centers = kmeans(tokens, k, seed=seed)
+    b, n, _ = val_patches.shape
+    side = int(round(n**0.5))
+    return (F.normalize(val_patches.float(), dim=-1) @ centers.T).argmax(-1).view(b, side, side).to(torch.uint8)
+
+
+def load_part_learner(path: str | Path) -> tuple[Optional[PartLearner], dict]:
+    """A saved part learner (None for the attention-heads method) and its description (plain dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureError(f"{path} not found: run the train_parts stage first")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    meta = obj["meta"]
+    if meta["method"] == "attention_heads":
+        return None, meta
+    model = PartLearner(meta["dim"], tuple(meta["grid"]), meta["num_parts"], meta["image_size"], meta["decoder_channels"],
+                        meta["style_dim"], meta["blur_size"], meta["blur_sigma"], temperature=meta["temperature"])  # fmt: skip
+    model.load_state_dict(obj["state_dict"], strict=True)
+    return model.eval(), meta
+
+
+def build_parts(
+    cfg: PartsConfig, prepared_dir, teacher_dir, features_dir, out_dir, figure_path: Optional[Path] = None,
+    device: Optional[torch.device] = None, log_epoch: Optional[Callable[[int, dict], None]] = None,
+    references: bool = True,
+) -> dict:  # fmt: skip
+    """Write ``out_dir/part_learner.pth`` (+ ``config.json``); return metrics; optionally draw the figure."""
+    device = device or torch.device("cpu")
+    index = read_features_index(features_dir)
+    vit, tcfg, teacher_sha = load_teacher(teacher_dir)
+    if index["teacher"]["teacher_sha256"] != teacher_sha:
+        raise FeatureError(
+            f"{features_dir} was extracted with teacher {index['teacher']['teacher_sha256'][:12]} but {teacher_dir} "
+            f"holds teacher {teacher_sha[:12]}: rerun the extract stage (dvc repro extract)"
+        )
+    grid, dim = tuple(index["teacher"]["grid"]), index["teacher"]["dim"]
+    n_parts = vit.blocks[-1].attn.num_heads if cfg.method == "attention_heads" else cfg.num_parts
+    if n_parts > grid[0] * grid[1]:
+        raise FeatureError(f"parts.num_parts={n_parts} exceeds the {grid[0] * grid[1]} patches of the {grid} grid")
+    tr, va = load_features(features_dir, "train"), load_features(features_dir, "val")
+    tr_cls, tr_patches = torch.from_numpy(tr["cls"]), torch.from_numpy(tr["patches"])
+    va_cls, va_patches = torch.from_numpy(va["cls"]), torch.from_numpy(va["patches"])
+    tr_images = _aligned_images(prepared_dir, "train", tcfg.img_size, tr["key"])
+    va_images = _aligned_images(prepared_dir, "val", tcfg.img_size, va["key"])
+
+    metrics: dict = {"method": cfg.method, "num_parts": n_parts}
+    columns: dict[str, torch.Tensor] = {}
+    model = None
+    if cfg.method == "learned":
+        model = build_part_learner(cfg, dim, grid, tcfg.img_size)
+        metrics["train"] = train_part_learner(model, tr_cls, tr_patches, tr_images, cfg, device, log_epoch)
+        model.cpu().eval()
+        with torch.no_grad():
+            metrics["val_recon_l1"] = losses(model, va_cls, va_patches, va_images, cfg)["recon"].item()
+        columns["learned parts"] = part_ids(model, va_cls, va_patches)
+    attention = _attention_ids(vit, va_images, grid)
+    columns["attention heads"] = attention
+    if references:
+        columns["k-means"] = _kmeans_ids(tr_patches, va_patches, n_parts, cfg.seed)
+        if cfg.method == "learned":
+            torch.manual_seed(cfg.seed + 999)
+            rand_vit = teacher_vit(tcfg).eval()
+            r_tr, r_va = _encode_tokens(rand_vit, tr_images), _encode_tokens(rand_vit, va_images)
+            rand_model = build_part_learner(cfg, dim, grid, tcfg.img_size)
+            train_part_learner(rand_model, *r_tr, tr_images, cfg, device, desc="train parts (random teacher)")
+            columns["random-teacher parts"] = part_ids(rand_model.cpu(), *r_va)
+    heads = vit.blocks[-1].attn.num_heads
+    names = {"learned parts": "parts", "k-means": "kmeans", "random-teacher parts": "random_teacher",
+             "attention heads": "parts" if cfg.method == "attention_heads" else "attention_heads"}  # fmt: skip
+    for title, ids in columns.items():
+        metrics[names[title]] = segmentation_stats(ids.long(), heads if title == "attention heads" else n_parts, cfg.seed)
+
+    meta = {"method": cfg.method, "dim": dim, "grid": list(grid), "num_parts": n_parts, "image_size": tcfg.img_size,
+            "decoder_channels": cfg.decoder_channels, "style_dim": cfg.style_dim, "blur_size": cfg.blur_size,
+            "blur_sigma": cfg.blur_sigma, "temperature": cfg.temperature, "teacher_sha256": teacher_sha}  # fmt: skip
+    with atomic_output_dir(out_dir) as tmp:
+        state = model.state_dict() if model is not None else {}
+        torch.save({"state_dict": state, "meta": meta}, tmp / PARTS_CHECKPOINT)
+        (tmp / "config.json").write_bytes(resolved_config(cfg, "parts"))
+    if figure_path is not None:
+        part_overlay_grid(va_images[:8], {t: ids[:8] for t, ids in columns.items()}, figure_path)
+    return metrics

@@ -1,0 +1,124 @@
+"""The ``export_parts`` stage's logic: argmax part maps of every prepared image, in new shards.
+
+Features are recomputed by the teacher from each image rather than read from the feature shards:
+``extract`` may keep only a subset (at ImageNet scale features for every image would take ~194 GB),
+while every image needs a map. The recomputed tokens are cast to fp16 exactly as ``extract`` stores
+them and batched per shard like ``extract``, so with the same batch size both give the same map.
+
+Output (``out_dir``)::
+
+    index.json    format, classes, grid, num_parts, method, teacher sha256, per split shards
+    train/train-000000.tar ...   the prepared samples unchanged (image bytes, cls, json)
+    val/val-000000.tar ...       plus ``parts.npy``: uint8 [grid, grid] part ids in [0, N)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import distributed as D
+from pipeline.config import ExportPartsConfig, resolved_config
+from pipeline.data.images import normalize, to_square
+from pipeline.data.shards import decode_image, decode_sample, iter_raw_samples, read_index, write_tar
+from pipeline.features import FeatureError
+from pipeline.io import file_sha256, json_bytes
+from pipeline.parts.build import PARTS_CHECKPOINT, load_part_learner
+from pipeline.parts.metrics import cls_attention
+from pipeline.sharded import run_sharded
+from pipeline.teacher.build import load_teacher
+
+__all__ = ["PARTS_FORMAT", "export_parts", "soft_part_maps"]
+
+PARTS_FORMAT = "semmae-parts/1"
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def soft_part_maps(vit, learner, meta: dict, x: torch.Tensor) -> torch.Tensor:
+    """Soft part maps ``[B, N, H, W]`` on the teacher grid for normalised images ``x``."""
+    grid = tuple(meta["grid"])
+    if meta["method"] == "attention_heads":
+        attn = cls_attention(vit, x)  # [B, heads, L]
+        return attn.view(attn.shape[0], attn.shape[1], *grid).float()
+    tokens = vit.forward_features(x).to(torch.float16)  # as stored by extract
+    prefix = vit.num_prefix_tokens
+    return learner.part_logits(tokens[:, 0].float(), tokens[:, prefix:].float()).softmax(1)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, out_dir) -> dict:
+    """Write part shards for both splits; under ``torchrun`` each rank takes every world-th shard."""
+    prepared_dir = Path(prepared_dir)
+    index = read_index(prepared_dir)
+    vit, tcfg, teacher_sha = load_teacher(teacher_dir)
+    learner, meta = load_part_learner(Path(parts_dir) / PARTS_CHECKPOINT)
+    if meta["teacher_sha256"] != teacher_sha:
+        raise FeatureError(
+            f"the part learner in {parts_dir} was trained on teacher {meta['teacher_sha256'][:12]} but {teacher_dir} "
+            f"holds teacher {teacher_sha[:12]}: rerun train_parts (dvc repro train_parts)"
+        )
+    grid = cfg.grid or meta["grid"][0]
+    if tcfg.img_size % grid:
+        raise FeatureError(f"export_parts.grid={grid} does not divide the image size {tcfg.img_size}")
+    if meta["num_parts"] > grid * grid:
+        raise FeatureError(f"num_parts={meta['num_parts']} exceeds the {grid * grid} patches of a {grid}x{grid} grid")
+    D.init_distributed()
+    device = D.device_for_rank()
+    vit.to(device).eval()
+    if learner is not None:
+        learner.to(device).eval()
+
+    def maps_for(images: list[np.ndarray]) -> np.ndarray:
+        x = normalize(torch.from_numpy(np.stack(images)).to(device).float() / 255)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            soft = soft_part_maps(vit, learner, meta, x).float()
+        if soft.shape[-1] != grid:
+            soft = F.interpolate(soft, size=(grid, grid), mode="bilinear", align_corners=False)
+        return soft.argmax(1).to(torch.uint8).cpu().numpy()
+
+    def work(job, tmp: Path, bar) -> None:
+        split, name = job
+        (tmp / split).mkdir(exist_ok=True)
+        raw = list(iter_raw_samples([str(prepared_dir / split / name)]))
+        ids = []
+        for start in range(0, len(raw), cfg.batch_size):
+            batch = raw[start : start + cfg.batch_size]
+            ids.append(maps_for([to_square(decode_image(decode_sample(s)["image"]), tcfg.img_size) for s in batch]))
+            bar.update(len(batch))
+        ids = np.concatenate(ids) if ids else np.zeros((0, grid, grid), np.uint8)
+        samples = ({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} | {"parts.npy": _npy(m)}
+                   for s, m in zip(raw, ids))  # fmt: skip
+        write_tar(tmp / split / name, samples)
+
+    jobs = [(split, s["file"]) for split in ("train", "val") for s in index["splits"][split]["shards"]]
+    sizes = [s["num_samples"] for split in ("train", "val") for s in index["splits"][split]["shards"]]
+
+    def finalize(tmp: Path) -> dict:
+        splits = {}
+        for split in ("train", "val"):
+            shards = []
+            for s in index["splits"][split]["shards"]:
+                path = tmp / split / s["file"]
+                shards.append({"file": s["file"], "num_samples": s["num_samples"], "sha256": file_sha256(path),
+                               "bytes": path.stat().st_size})  # fmt: skip
+            splits[split] = {"num_samples": index["splits"][split]["num_samples"], "shards": shards,
+                             "class_counts": index["splits"][split]["class_counts"]}  # fmt: skip
+        out_index = {"format": PARTS_FORMAT, "classes": index["classes"], "grid": [grid, grid],
+                     "num_parts": meta["num_parts"], "method": meta["method"], "teacher_sha256": teacher_sha,
+                     "splits": splits}  # fmt: skip
+        (tmp / "index.json").write_bytes(json_bytes(out_index))
+        (tmp / "config.json").write_bytes(resolved_config(cfg, "export_parts"))
+        return {"grid": grid, "num_parts": meta["num_parts"], **{f"{s}_samples": v["num_samples"] for s, v in splits.items()}}
+
+    return run_sharded(out_dir, jobs, work, finalize, sizes, desc="export parts")

@@ -1,0 +1,49 @@
+"""DVC stage ``train_parts``: SemMAE's semantic part learner on the teacher's features, with references."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from pipeline.config import PartsConfig, load_stage_config
+from pipeline.io import atomic_write_json
+
+log = logging.getLogger("semmae.train_parts")
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its 'parts' section is read."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Shard set (reconstruction targets)."),
+    teacher: Path = typer.Option(Path("data/teacher"), help="Teacher directory (attention-heads reference)."),
+    features: Path = typer.Option(Path("data/features"), help="Feature set written by `semmae extract`."),
+    out: Path = typer.Option(Path("data/parts"), help="Output: part_learner.pth + config.json."),
+    metrics: Path = typer.Option(Path("metrics/parts.json"), help="Part statistics of the method and the references."),
+    plots: Path = typer.Option(Path("metrics/parts_train"), help="dvclive directory of the training curves."),
+    figure: Path = typer.Option(Path("plots/parts/val_parts.png"), help="Validation images with part maps overlaid."),
+) -> None:
+    """Train the part learner (parts.method=learned) or take attention heads, and report part statistics.
+
+    Statistics on validation argmax maps: per-part share (min/max), spatial coherence next to
+    position-shuffled maps, for the method and for three references (attention heads, k-means on
+    patch tokens, the learner on a random teacher).
+    """
+    import torch
+    from dvclive import Live
+
+    from pipeline.parts.build import build_parts
+
+    cfg = load_stage_config(PartsConfig, params, "parts")
+    with Live(dir=str(plots), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+
+        def log_epoch(step: int, stats: dict) -> None:
+            for name, value in stats.items():
+                live.log_metric(name, value)
+            live.next_step()
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        result = build_parts(cfg, prepared, teacher, features, out, figure, device, log_epoch)
+    atomic_write_json(metrics, result)
+    log.info("parts %s; references: attention heads %s, k-means %s", result.get("parts"),
+             result.get("attention_heads"), result.get("kmeans"))  # fmt: skip

@@ -1,0 +1,120 @@
+"""`train_parts` + `export_parts` end to end on tiny data: schema, ids, determinism, errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ExportPartsConfig, ExtractConfig, PartsConfig, PrepareConfig, TeacherConfig, resolved_config
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.shards import iter_raw_samples, iter_samples, shard_paths
+from pipeline.features import FeatureError, extract_features, load_features
+from pipeline.models.checkpoint import build_vit, save_backbone
+from pipeline.parts.build import PARTS_CHECKPOINT, build_parts, load_part_learner
+from pipeline.parts.export import PARTS_FORMAT, export_parts
+from pipeline.parts.train import part_ids
+
+TINY = dict(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2)
+PARTS = dict(num_parts=3, epochs=1, batch_size=16, decoder_channels=8, style_dim=8, temperature=0.1)
+
+
+def make_teacher(path: Path, seed: int) -> Path:
+    path.mkdir()
+    torch.manual_seed(seed)
+    save_backbone(build_vit(**TINY), path / "checkpoint_teacher.pth")
+    (path / "config.json").write_bytes(resolved_config(TeacherConfig.model_validate(TINY), "teacher"))
+    return path
+
+
+@pytest.fixture
+def stages(fake_fmnist, tmp_path):
+    root, _ = fake_fmnist
+    prepared = tmp_path / "prepared"
+    prepare_dataset(PrepareConfig(root=str(root), train_limit=60, val_limit=20, shard_size=25, num_workers=0), prepared)
+    teacher = make_teacher(tmp_path / "teacher", 0)
+    extract_features(ExtractConfig(batch_size=8), prepared, teacher, tmp_path / "features")
+    metrics = build_parts(PartsConfig(**PARTS), prepared, teacher, tmp_path / "features", tmp_path / "parts",
+                          figure_path=tmp_path / "fig.png")  # fmt: skip
+    return prepared, teacher, tmp_path / "features", tmp_path / "parts", metrics
+
+
+def digest(d: Path) -> dict[str, str]:
+    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_train_parts_reports_method_and_references_and_draws_the_figure(stages, tmp_path):
+    _, _, _, parts, metrics = stages
+    for name in ("parts", "attention_heads", "kmeans", "random_teacher"):
+        stats = metrics[name]
+        assert 0 <= stats["min_share"] <= stats["max_share"] <= 1
+        assert stats["coherence_gain"] == pytest.approx(stats["coherence"] - stats["coherence_shuffled"])
+    assert metrics["num_parts"] == 3 and metrics["val_recon_l1"] > 0
+    model, meta = load_part_learner(parts / PARTS_CHECKPOINT)
+    assert meta["num_parts"] == 3 and meta["grid"] == [4, 4]
+    from PIL import Image
+
+    with Image.open(tmp_path / "fig.png") as fig:
+        assert fig.size[0] > 5 * 96  # image + 4 segmentations
+
+
+def test_export_schema_ids_passthrough_and_determinism(stages, tmp_path):
+    prepared, teacher, features, parts, _ = stages
+    result = export_parts(ExportPartsConfig(grid=None, batch_size=8), prepared, teacher, parts, tmp_path / "a")
+    assert result == {"grid": 4, "num_parts": 3, "train_samples": 60, "val_samples": 20}
+    for split in ("train", "val"):
+        src = list(iter_raw_samples(shard_paths(prepared, split)))
+        out = list(iter_raw_samples(shard_paths(tmp_path / "a", split, PARTS_FORMAT)))
+        assert [s["__key__"] for s in out] == [s["__key__"] for s in src]
+        for a, b in zip(src, out):
+            assert a["png"] == b["png"] and a["cls"] == b["cls"] and a["json"] == b["json"]
+        decoded = list(iter_samples(shard_paths(tmp_path / "a", split, PARTS_FORMAT)))
+        for s in decoded:
+            assert s["parts"].dtype == np.uint8 and s["parts"].shape == (4, 4) and s["parts"].max() < 3
+    # recomputed features give the same maps as the feature shards (same batch size)
+    feats = load_features(features, "val")
+    model, _ = load_part_learner(parts / PARTS_CHECKPOINT)
+    expected = part_ids(model, torch.from_numpy(feats["cls"]), torch.from_numpy(feats["patches"])).numpy()
+    np.testing.assert_array_equal(np.stack([s["parts"] for s in decoded]), expected)
+    export_parts(ExportPartsConfig(grid=None, batch_size=8), prepared, teacher, parts, tmp_path / "b")
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+
+
+def test_export_on_a_finer_mae_grid(stages, tmp_path):
+    prepared, teacher, _, parts, _ = stages
+    export_parts(ExportPartsConfig(grid=8, batch_size=8), prepared, teacher, parts, tmp_path / "g8")
+    s = next(iter(iter_samples(shard_paths(tmp_path / "g8", "val", PARTS_FORMAT))))
+    assert s["parts"].shape == (8, 8) and s["parts"].max() < 3
+
+
+def test_export_errors_before_compute(stages, tmp_path):
+    prepared, teacher, _, parts, _ = stages
+    other = make_teacher(tmp_path / "other", 1)
+    with pytest.raises(FeatureError, match="trained on teacher .* rerun train_parts"):
+        export_parts(ExportPartsConfig(), prepared, other, parts, tmp_path / "x")
+    with pytest.raises(FeatureError, match="grid=5 does not divide the image size 16"):
+        export_parts(ExportPartsConfig(grid=5), prepared, teacher, parts, tmp_path / "x")
+    with pytest.raises(FeatureError, match="num_parts=3 exceeds the 1 patches"):
+        export_parts(ExportPartsConfig(grid=1), prepared, teacher, parts, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_parts_errors(stages, tmp_path):
+    prepared, teacher, features, _, _ = stages
+    other = make_teacher(tmp_path / "other", 1)
+    with pytest.raises(FeatureError, match="extracted with teacher .* rerun the extract stage"):
+        build_parts(PartsConfig(**PARTS), prepared, other, features, tmp_path / "p")
+    with pytest.raises(FeatureError, match="num_parts=17 exceeds the 16 patches"):
+        build_parts(PartsConfig(**{**PARTS, "num_parts": 17, "min_share": 0.0}), prepared, teacher, features, tmp_path / "p")
+
+
+def test_attention_heads_method_exports_head_ids(stages, tmp_path):
+    prepared, teacher, features, _, _ = stages
+    metrics = build_parts(PartsConfig(method="attention_heads"), prepared, teacher, features, tmp_path / "p", references=False)
+    assert metrics["num_parts"] == 2 and "parts" in metrics  # N = the teacher's 2 heads
+    export_parts(ExportPartsConfig(grid=None), prepared, teacher, tmp_path / "p", tmp_path / "e")
+    s = next(iter(iter_samples(shard_paths(tmp_path / "e", "train", PARTS_FORMAT))))
+    assert s["parts"].shape == (4, 4) and s["parts"].max() < 2
