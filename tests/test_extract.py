@@ -20,7 +20,8 @@ from pipeline.data.images import normalize, to_square
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.shards import decode_image, iter_samples, shard_paths
 from pipeline.features import extract_features, load_features, read_features_index
-from pipeline.models.checkpoint import CheckpointError, build_vit, file_sha256, save_backbone
+from pipeline.io import file_sha256
+from pipeline.models.checkpoint import CheckpointError, build_vit, save_backbone
 from pipeline.config import TeacherConfig, resolved_config
 
 TINY = dict(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2)
