@@ -10,8 +10,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 semmae teacher --params assets/teacher/params.yaml --prepared data/prepared --out "$work/teacher" \
-  --metrics "$work/metrics.json" --plots "$work/train_curves"
+  --metrics "$work/metrics.json" --curves "$work/train_curves.tsv"
 cp "$work/teacher/checkpoint_teacher.pth" assets/teacher/checkpoint_teacher.pth
 cp "$work/metrics.json" assets/teacher/metrics.json
-rm -rf assets/teacher/train_curves && cp -r "$work/train_curves" assets/teacher/train_curves
-echo "wrote assets/teacher/{checkpoint_teacher.pth,metrics.json,train_curves}" >&2
+cp "$work/train_curves.tsv" assets/teacher/train_curves.tsv
+echo "wrote assets/teacher/{checkpoint_teacher.pth,metrics.json,train_curves.tsv}" >&2

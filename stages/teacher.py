@@ -18,7 +18,7 @@ def main(
     prepared: Path = typer.Option(Path("data/prepared"), help="Shard set written by `semmae prepare`."),
     out: Path = typer.Option(Path("data/teacher"), help="Output directory: checkpoint_teacher.pth + config.json."),
     metrics: Path = typer.Option(Path("metrics/teacher.json"), help="k-NN quality of teacher, random ViT, raw pixels."),
-    plots: Path = typer.Option(Path("metrics/teacher_train"), help="dvclive directory of the training curves."),
+    curves: Path = typer.Option(Path("metrics/teacher_train.tsv"), help="Per-epoch training curves (TSV)."),
     max_steps: int = typer.Option(None, help="Stop training after this many steps (smoke tests)."),
 ) -> None:
     """Load (teacher.init=checkpoint) or train with the iBOT objective (teacher.init=train) the frozen ViT.
@@ -27,18 +27,10 @@ def main(
     k-NN accuracy (cosine, CLS after the final norm, val against train) of the teacher, of a random
     ViT of the same shape and of raw pixels.
     """
-    from dvclive import Live
-
+    from pipeline.curves import CurveLog
     from pipeline.teacher.build import build_teacher
 
     cfg = load_stage_config(TeacherConfig, params, "teacher")
     log.info("teacher: init=%s arch=%s img_size=%d patch=%s", cfg.init, cfg.arch, cfg.img_size, cfg.patch_size)
-    with Live(dir=str(plots), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-
-        def log_step(step: int, stats: dict) -> None:
-            for name, value in stats.items():
-                live.log_metric(name, value)
-            live.next_step()
-
-        result = build_teacher(cfg, prepared, out, log_step=log_step, max_steps=max_steps)
+    result = build_teacher(cfg, prepared, out, log_step=CurveLog(curves), max_steps=max_steps)
     atomic_write_json(metrics, result)

@@ -20,7 +20,7 @@ def main(
     features: Path = typer.Option(Path("data/features"), help="Feature set written by `semmae extract`."),
     out: Path = typer.Option(Path("data/parts"), help="Output: part_learner.pth + config.json."),
     metrics: Path = typer.Option(Path("metrics/parts.json"), help="Part statistics of the method and the references."),
-    plots: Path = typer.Option(Path("metrics/parts_train"), help="dvclive directory of the training curves."),
+    curves: Path = typer.Option(Path("metrics/parts_train.tsv"), help="Per-epoch training curves (TSV)."),
     figure: Path = typer.Option(Path("plots/parts/val_parts.png"), help="Validation images with part maps overlaid."),
 ) -> None:
     """Train the part learner (parts.method=learned) or take attention heads, and report part statistics.
@@ -30,20 +30,13 @@ def main(
     patch tokens, the learner on a random teacher).
     """
     import torch
-    from dvclive import Live
 
+    from pipeline.curves import CurveLog
     from pipeline.parts.build import build_parts
 
     cfg = load_stage_config(PartsConfig, params, "parts")
-    with Live(dir=str(plots), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-
-        def log_epoch(step: int, stats: dict) -> None:
-            for name, value in stats.items():
-                live.log_metric(name, value)
-            live.next_step()
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        result = build_parts(cfg, prepared, teacher, features, out, figure, device, log_epoch)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = build_parts(cfg, prepared, teacher, features, out, figure, device, CurveLog(curves))
     atomic_write_json(metrics, result)
     log.info("parts %s; references: attention heads %s, k-means %s", result.get("parts"),
              result.get("attention_heads"), result.get("kmeans"))  # fmt: skip
