@@ -153,13 +153,7 @@ def extract_features(cfg: ExtractConfig, prepared_dir: str | Path, teacher_dir: 
 
 
 def read_features_index(features_dir: str | Path) -> dict:
-    path = Path(features_dir) / "index.json"
-    if not path.is_file():
-        raise FeatureError(f"{path} not found: {features_dir} is not a feature set (run the extract stage)")
-    index = json.loads(path.read_text())
-    if index.get("format") != FEATURES_FORMAT:
-        raise FeatureError(f"{path}: format {index.get('format')!r}, expected {FEATURES_FORMAT!r}")
-    return index
+    return read_index(features_dir, FEATURES_FORMAT)
 
 
 def load_features(features_dir: str | Path, split: str) -> dict[str, np.ndarray]:

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 INDEX_FORMAT = "semmae-shards/1"
+_PRODUCER = {INDEX_FORMAT: "prepare", "semmae-features/1": "extract", "semmae-parts/1": "export_parts"}
 TAR_MTIME = 0  # fixed entry mtime: byte-identical tars for identical inputs
 IMAGE_KEYS = ("png", "jpg")
 
@@ -92,10 +93,12 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: Path, prefix: str, 
 
 
 def read_index(shard_dir: Union[str, Path], fmt: str = INDEX_FORMAT) -> dict:
-    """Load and sanity-check ``index.json`` of a shard set (``fmt``: prepared or part shards)."""
+    """Load and sanity-check the ``index.json`` of a stage's output directory (``fmt`` names its format)."""
     path = Path(shard_dir) / "index.json"
     if not path.is_file():
-        raise ShardFormatError(f"{path} not found: {shard_dir} is not a prepared shard set (run the prepare stage)")
+        raise ShardFormatError(
+            f"{path} not found: {shard_dir} is not the output of the {_PRODUCER.get(fmt, fmt)} stage (run it first)"
+        )
     index = json.loads(path.read_text())
     if index.get("format") != fmt:
         raise ShardFormatError(f"{path}: format {index.get('format')!r}, expected {fmt!r}")
