@@ -118,3 +118,25 @@ def test_attention_heads_method_exports_head_ids(stages, tmp_path):
     export_parts(ExportPartsConfig(grid=None), prepared, teacher, tmp_path / "p", tmp_path / "e")
     s = next(iter(iter_samples(shard_paths(tmp_path / "e", "train", PARTS_FORMAT))))
     assert s["parts"].shape == (4, 4) and s["parts"].max() < 2
+
+
+def test_export_under_two_processes_equals_one(stages, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_params
+
+    prepared, teacher, _, parts, _ = stages
+    export_parts(ExportPartsConfig(grid=None, batch_size=8), prepared, teacher, parts, tmp_path / "one")
+    write_params(tmp_path / "params.yaml", export_parts={"grid": None, "batch_size": 8})
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    res = subprocess.run(
+        [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", "semmae", "export_parts",
+         "--params", "params.yaml", "--prepared", str(prepared), "--teacher", str(teacher), "--parts", str(parts),
+         "--out", "two", "--metrics", "m.json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
