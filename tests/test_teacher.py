@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_params
 from pipeline.config import TeacherConfig, TeacherTrainConfig
 from pipeline.data.prepare import prepare_dataset
 from pipeline.config import PrepareConfig

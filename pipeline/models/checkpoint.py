@@ -26,7 +26,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_bytes, file_sha256
+from pipeline.io import atomic_write_bytes
 
 __all__ = [
     "CheckpointError",
