@@ -28,7 +28,8 @@ import pyarrow as pa
 import torch
 
 from pipeline import distributed as D
-from pipeline.config import ExtractConfig, resolved_config
+from pipeline.config.base import resolved_config
+from pipeline.config.extract import ExtractConfig
 from pipeline.data.images import normalize, to_square
 from pipeline.data.shards import decode_image, iter_samples, read_index
 from pipeline.errors import PipelineError

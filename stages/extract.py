@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import ExtractConfig, load_stage_config
+from pipeline.config.base import load_stage_config
+from pipeline.config.extract import ExtractConfig
 from pipeline.io import atomic_write_json
 
 log = logging.getLogger("semmae.extract")

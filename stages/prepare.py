@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import PrepareConfig, load_stage_config
+from pipeline.config.base import load_stage_config
+from pipeline.config.prepare import PrepareConfig
 from pipeline.data.prepare import prepare_dataset
 from pipeline.io import atomic_write_json
 

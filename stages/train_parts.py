@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import PartsConfig, load_stage_config
+from pipeline.config.base import load_stage_config
+from pipeline.config.parts import PartsConfig
 from pipeline.io import atomic_write_json
 
 log = logging.getLogger("semmae.train_parts")

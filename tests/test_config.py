@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO, write_params
+
 from pipeline.config import (
-    ConfigError, ExportPartsConfig, ExtractConfig, PartsConfig, PrepareConfig, TeacherConfig, load_stage_config,
+    ConfigError,
+    ExportPartsConfig,
+    ExtractConfig,
+    LinprobeConfig,
+    PartsConfig,
+    PrepareConfig,
+    PretrainConfig,
+    TeacherConfig,
+    load_pretrain_config,
+    load_stage_config,
     resolved_config,
 )
 
@@ -25,10 +34,16 @@ def test_repository_params_load_and_match_the_embedded_default():
 
 @pytest.mark.parametrize(
     ("model", "section"),
-    [(TeacherConfig, "teacher"), (ExtractConfig, "extract"), (PartsConfig, "parts"), (ExportPartsConfig, "export_parts")],
+    [(TeacherConfig, "teacher"), (ExtractConfig, "extract"), (PartsConfig, "parts"), (ExportPartsConfig, "export_parts"),
+     (LinprobeConfig, "linprobe")],
 )
 def test_every_repository_section_loads_and_spells_out_the_defaults(model, section):
     assert load_stage_config(model, REPO / "params.yaml", section) == model()
+
+
+def test_repository_pretrain_variants_differ_only_in_masking():
+    for variant, masking in (("semantic", "semantic"), ("random", "random")):
+        assert load_pretrain_config(REPO / "params.yaml", variant, 0) == PretrainConfig(masking=masking)
 
 
 def test_nested_unknown_key_lists_the_nested_keys(tmp_path):

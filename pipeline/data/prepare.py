@@ -20,9 +20,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.config import PrepareConfig, resolved_config
+from pipeline.config.base import resolved_config
+from pipeline.config.prepare import PrepareConfig
 from pipeline.data.shards import INDEX_FORMAT, write_shards
-from pipeline.data.sources import DataSourceError, Record, load_fashion_mnist, scan_imagefolder
+from pipeline.data.sources import (
+    DataSourceError,
+    Record,
+    load_fashion_mnist,
+    scan_imagefolder,
+)
 from pipeline.io import atomic_output_dir, json_bytes
 
 __all__ = ["prepare_dataset", "balanced_subset", "encode_record", "load_source"]

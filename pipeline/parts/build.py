@@ -16,14 +16,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import PartsConfig, resolved_config
+from pipeline.config.base import resolved_config
+from pipeline.config.parts import PartsConfig
 from pipeline.data.images import load_split, normalize
 from pipeline.features import FeatureError, load_features, read_features_index
 from pipeline.io import atomic_output_dir
 from pipeline.parts.figures import part_overlay_grid
-from pipeline.parts.metrics import attention_head_parts, cls_attention, kmeans, segmentation_stats
+from pipeline.parts.metrics import (
+    attention_head_parts,
+    cls_attention,
+    kmeans,
+    segmentation_stats,
+)
 from pipeline.parts.model import PartLearner
-from pipeline.parts.train import build_part_learner, losses, part_ids, train_part_learner
+from pipeline.parts.train import (
+    build_part_learner,
+    losses,
+    part_ids,
+    train_part_learner,
+)
 from pipeline.teacher.build import load_teacher, teacher_vit
 
 __all__ = ["build_parts", "load_part_learner", "PARTS_CHECKPOINT"]

@@ -23,9 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import distributed as D
-from pipeline.config import ExportPartsConfig, resolved_config
+from pipeline.config.base import resolved_config
+from pipeline.config.parts import ExportPartsConfig
 from pipeline.data.images import normalize, to_square
-from pipeline.data.shards import decode_image, decode_sample, iter_raw_samples, read_index, write_tar
+from pipeline.data.shards import (
+    decode_image,
+    decode_sample,
+    iter_raw_samples,
+    read_index,
+    write_tar,
+)
 from pipeline.features import FeatureError
 from pipeline.io import file_sha256, json_bytes
 from pipeline.parts.build import PARTS_CHECKPOINT, load_part_learner

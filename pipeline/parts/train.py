@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.config import PartsConfig
+from pipeline.config.parts import PartsConfig
 from pipeline.parts.model import PartLearner, diversity_loss, usage_loss
 from pipeline.teacher.ibot import cosine_schedule
 

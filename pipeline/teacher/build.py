@@ -14,12 +14,19 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.config import TeacherConfig, resolved_config
+from pipeline.config.base import resolved_config
+from pipeline.config.teacher import TeacherConfig
 from pipeline.data.images import load_split
 from pipeline.data.shards import read_index
 from pipeline.eval.knn import encode_cls, knn_accuracy
 from pipeline.io import atomic_output_dir, file_sha256
-from pipeline.models.checkpoint import CheckpointError, build_vit, load_backbone, load_checkpoint_file, save_backbone
+from pipeline.models.checkpoint import (
+    CheckpointError,
+    build_vit,
+    load_backbone,
+    load_checkpoint_file,
+    save_backbone,
+)
 from pipeline.teacher.train import train_ibot
 
 __all__ = ["build_teacher", "teacher_vit", "load_teacher"]

@@ -8,14 +8,21 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from timm.optim import param_groups_weight_decay
 from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
-from pipeline.config import TeacherTrainConfig
+from pipeline.config.teacher import TeacherTrainConfig
 from pipeline.data.images import normalize
 from pipeline.teacher.augment import block_masks, jitter, random_resized_crop
-from pipeline.teacher.ibot import IBOTHead, IBOTLoss, IBOTNetwork, cosine_schedule, ema_update, make_teacher
+from pipeline.teacher.ibot import (
+    IBOTHead,
+    IBOTLoss,
+    IBOTNetwork,
+    cosine_schedule,
+    ema_update,
+    make_teacher,
+)
 
 __all__ = ["train_ibot"]
 

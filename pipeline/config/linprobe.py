@@ -1,0 +1,47 @@
+"""Config of the ``linprobe`` stages (section ``linprobe``): MAE's linear-probing protocol."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config.base import StageConfig, ordered_pair
+
+__all__ = ["LinprobeConfig"]
+
+
+class LinprobeConfig(StageConfig):
+    """``linprobe``: a BatchNorm + linear head on the frozen encoder's CLS token, trained with LARS."""
+
+    mode: Literal["cached", "online"] = Field(
+        "cached", description="cached: encode every image once, train the head on the stored features; "
+        "online: encode each batch (needed for augmentation)."
+    )  # fmt: skip
+    augment: bool = Field(False, description="online only: RandomResizedCrop + flip on the training images.")
+    crop_scale: list[float] = Field([0.08, 1.0], min_length=2, max_length=2, description="augment: crop area range.")
+    epochs: int = Field(90, gt=0)
+    warmup_epochs: float = Field(10, ge=0)
+    batch_size: int = Field(256, gt=0, description="Head training batch (global).")
+    base_lr: float = Field(10.0, gt=0, description="Peak lr = base_lr * batch_size / 256 (MAE: 0.1 with ImageNet's 7k steps).")
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    trust_coefficient: float = Field(0.001, gt=0)
+    knn_k: int = Field(20, gt=0, description="k of the k-NN accuracy (cosine, weighted, on the same features).")
+    eval_batch_size: int = Field(256, gt=0, description="Images per encoder forward pass.")
+    seed: int = Field(0, ge=0, description="Head initialisation and batch order.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LinprobeConfig":
+        ordered_pair(self.crop_scale, "crop_scale")
+        if not (0 < self.crop_scale[0] and self.crop_scale[1] <= 1):
+            raise ValueError(f"crop_scale={self.crop_scale} must lie in (0, 1]")
+        if self.augment and self.mode != "online":
+            raise ValueError("augment=true needs mode=online (cached features are computed once, without augmentation)")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
+        return self
+
+    def peak_lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
