@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from pathlib import Path
 
@@ -84,3 +85,41 @@ def real_fmnist() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return FMNIST_DIR
+
+
+PART_COLOURS = np.array([(0, 0, 0), (230, 30, 30), (30, 230, 30), (30, 30, 230), (230, 230, 30), (30, 230, 230)], np.uint8)
+
+
+def make_part_shards(root: Path, n_train: int = 96, n_val: int = 16, size: int = 16, grid: int = 4,
+                     num_parts: int = 4, shard_size: int = 24, seed: int = 0) -> Path:  # fmt: skip
+    """An ``export_parts``-format shard set: images painted by their (blocky, random) part maps, plus noise."""
+    from pipeline.data.shards import write_shards
+    from pipeline.io import json_bytes
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        samples, counts = [], {}
+        for i in range(n):
+            parts = rng.integers(0, num_parts, (grid, grid)).astype(np.uint8)
+            img = PART_COLOURS[parts].repeat(size // grid, 0).repeat(size // grid, 1).astype(np.int16)
+            img = np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
+            buf, npy = io.BytesIO(), io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            np.save(npy, parts, allow_pickle=False)
+            label = i % 3
+            counts[str(label)] = counts.get(str(label), 0) + 1
+            samples.append({"__key__": f"{split}{i:05d}", "png": buf.getvalue(), "cls": str(label).encode(),
+                            "json": b'{"source": "synthetic"}', "parts.npy": npy.getvalue()})  # fmt: skip
+        shards = write_shards(samples, root / split, split, shard_size)
+        splits[split] = {"num_samples": n, "shards": shards, "class_counts": counts}
+    index = {"format": "semmae-parts/1", "classes": ["a", "b", "c"], "grid": [grid, grid], "num_parts": num_parts,
+             "method": "learned", "teacher_sha256": "0" * 64, "splits": splits}  # fmt: skip
+    (root / "index.json").write_bytes(json_bytes(index))
+    return root
+
+
+@pytest.fixture
+def part_shards(tmp_path: Path) -> Path:
+    return make_part_shards(tmp_path / "part_shards")

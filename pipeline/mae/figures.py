@@ -1,0 +1,75 @@
+"""Pretraining figures: reconstructions of fixed validation images, and the curriculum's masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config.pretrain import PretrainConfig
+from pipeline.data.images import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pipeline.figures import overlay, save_grid, upscale
+from pipeline.mae.masking import curriculum_alpha
+from pipeline.mae.model import MaskedAutoencoder
+
+__all__ = ["reconstruction_figure", "curriculum_figure", "masked_view"]
+
+CELL = 96
+
+
+def masked_view(image: np.ndarray, mask: np.ndarray, grid: int) -> np.ndarray:
+    """``uint8 [3, S, S]`` with masked patches (``mask [L]`` = 1) greyed out, as ``[CELL, CELL, 3]``."""
+    img = upscale(image, CELL).copy()
+    cells = mask.reshape(grid, grid).astype(bool)
+    shade = upscale(np.repeat(cells[None].astype(np.uint8) * 255, 3, 0), CELL) > 0
+    img[shade] = (img[shade] * 0.25 + 96).astype(np.uint8)
+    return img
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((x.float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def reconstruction_figure(model: MaskedAutoencoder, cfg: PretrainConfig, images: torch.Tensor, parts: torch.Tensor,
+                          masking, path: str | Path) -> None:  # fmt: skip
+    """Rows: image, part map, masked input, reconstruction, reconstruction with the visible patches pasted."""
+    device = next(model.parameters()).device
+    x = normalize(images.to(device).float() / 255)
+    _, pred = model(x, masking)
+    rec = model.reconstruct(x, pred)
+    pasted = model.reconstruct(x, pred, masking.mask)
+    mask = masking.mask.cpu().numpy()
+    rows = []
+    for i in range(len(images)):
+        img = images[i].numpy()
+        rows.append([upscale(img, CELL, Image.Resampling.BICUBIC), overlay(img, parts[i].numpy(), CELL),
+                     masked_view(img, mask[i], cfg.grid), upscale(_to_uint8(rec[i]), CELL, Image.Resampling.BICUBIC),
+                     upscale(_to_uint8(pasted[i]), CELL, Image.Resampling.BICUBIC)])  # fmt: skip
+    save_grid(rows, ["image", "parts", "masked", "reconstruction", "+ visible"], path)
+
+
+def curriculum_figure(cfg: PretrainConfig, images: torch.Tensor, parts: torch.Tensor, masks: dict[str, torch.Tensor],
+                      path: str | Path) -> None:  # fmt: skip
+    """Rows: image, part map, then the masks of ``masks`` (column title -> ``[B, L]``) on the same images."""
+    rows = []
+    for i in range(len(images)):
+        img = images[i].numpy()
+        rows.append([upscale(img, CELL, Image.Resampling.BICUBIC), overlay(img, parts[i].numpy(), CELL)]
+                    + [masked_view(img, m[i].cpu().numpy(), cfg.grid) for m in masks.values()])  # fmt: skip
+    save_grid(rows, ["image", "parts", *masks], path)
+
+
+def curriculum_titles(cfg: PretrainConfig) -> list[tuple[str, float]]:
+    """(column title, alpha) at t = 0, T/2, T of ``cfg``'s schedule."""
+    if cfg.masking == "random":
+        return [("random t=0", 0.0), ("random t=T/2", 0.0), ("random t=T", 0.0)]
+    out = []
+    for name, t in (("t=0", 0.0), ("t=T/2", 0.5), ("t=T", 1.0)):
+        a = curriculum_alpha(t, cfg.schedule, cfg.gamma, cfg.alpha)
+        out.append((f"{name} a={a:.2f}", a))
+    return out

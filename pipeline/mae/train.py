@@ -1,0 +1,223 @@
+"""MAE pretraining on ``export_parts`` shards: one run of one masking variant, resumable, DDP-ready.
+
+MAE's recipe: AdamW(betas) with weight decay on weight matrices only, lr = base_lr x global batch / 256,
+linear warm-up then a per-iteration half-cycle cosine to ``min_lr``, bf16 autocast on CUDA.
+Randomness is derived from ``(seed, epoch, rank)`` at each epoch start (loader and masking), and a
+resume checkpoint is written at epoch ends, so a run resumed from a checkpoint continues exactly
+as the unbroken run would have (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from timm.optim import param_groups_weight_decay
+from tqdm import tqdm
+
+from pipeline import distributed as D
+from pipeline.config.base import resolved_config
+from pipeline.config.pretrain import PretrainConfig
+from pipeline.data.images import normalize
+from pipeline.data.shards import ShardFormatError, read_index, shard_paths
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_output_dir, atomic_write_bytes, file_sha256, json_bytes
+from pipeline.mae.data import make_loader
+from pipeline.mae.masking import (
+    Masking,
+    curriculum_alpha,
+    random_masking,
+    semantic_masking,
+)
+from pipeline.mae.model import MaskedAutoencoder
+from pipeline.models.checkpoint import save_backbone
+from pipeline.resume import ResumeStore, fingerprint
+from pipeline.schedule import warmup_cosine
+
+__all__ = ["PARTS_FORMAT", "build_mae", "lr_at", "alpha_at", "make_masking", "seeded_generator", "pretrain", "save_state", "TrainingError"]
+
+PARTS_FORMAT = "semmae-parts/1"
+log = logging.getLogger(__name__)
+
+
+class TrainingError(PipelineError):
+    """Training cannot go on (e.g. the loss became NaN); the message says what to change."""
+
+
+def build_mae(cfg: PretrainConfig) -> MaskedAutoencoder:
+    torch.manual_seed(cfg.seed)
+    return MaskedAutoencoder(cfg.arch, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                             cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
+                             norm_pix_loss=cfg.norm_pix_loss)  # fmt: skip
+
+
+def lr_at(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Per-iteration lr: linear warm-up to ``peak_lr`` over ``warmup_epochs``, then half-cycle cosine to ``min_lr``."""
+    return warmup_cosine(step / steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.peak_lr(), cfg.min_lr)
+
+
+def alpha_at(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The curriculum's alpha at optimiser ``step`` (see ``curriculum_unit``); 0 for random masking."""
+    if cfg.masking == "random":
+        return 0.0
+    if cfg.curriculum_unit == "epoch":
+        progress = (step // steps_per_epoch + 1) / cfg.epochs
+    else:
+        progress = step / (steps_per_epoch * cfg.epochs)
+    return curriculum_alpha(progress, cfg.schedule, cfg.gamma, cfg.alpha)
+
+
+def make_masking(cfg: PretrainConfig, parts: torch.Tensor, alpha: float, num_parts: int,
+                 generator: Optional[torch.Generator]) -> Masking:  # fmt: skip
+    """The masking of a batch with part maps ``parts [B, G, G]`` (ignored by random masking)."""
+    ids = parts.flatten(1).long()
+    if cfg.masking == "random":
+        return random_masking(ids.shape[0], ids.shape[1], cfg.mask_ratio, generator, ids.device)
+    return semantic_masking(ids, cfg.mask_ratio, alpha, num_parts, generator)
+
+
+def seeded_generator(device: torch.device, *seeds: int) -> torch.Generator:
+    seed = 0
+    for s in seeds:
+        seed = (seed * 1_000_003 + s) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _check_shards(cfg: PretrainConfig, part_shards: Path) -> dict:
+    index = read_index(part_shards, PARTS_FORMAT)
+    grid = index["grid"][0]
+    if grid != cfg.grid:
+        raise ShardFormatError(
+            f"{part_shards}/index.json: part maps are {grid}x{grid} but the MAE grid is img_size/patch_size = "
+            f"{cfg.img_size}/{cfg.patch_size} = {cfg.grid}: set export_parts.grid to {cfg.grid} (or change pretrain)"
+        )
+    return index
+
+
+def pretrain(
+    cfg: PretrainConfig, part_shards: str | Path, out_dir: str | Path, resume_dir: str | Path,
+    log_row: Optional[Callable[[int, dict], None]] = None, curve_rows: Optional[list] = None,
+    figures: Optional[Callable[[MaskedAutoencoder, "PretrainConfig", int], None]] = None,
+) -> dict:  # fmt: skip
+    """Pretrain one variant; write ``encoder.pth`` (timm ViT, official iBOT-style ``{'state_dict'}``),
+    ``mae.pth`` (whole model), ``config.json`` and ``meta.json`` into ``out_dir`` (rank 0, atomically).
+
+    ``log_row(step, stats)`` receives rank 0's curve rows; ``curve_rows`` is the list they accumulate in,
+    saved with each resume checkpoint and restored into it on resume. Returns the run's metrics.
+    """
+    part_shards = Path(part_shards)
+    index = _check_shards(cfg, part_shards)
+    num_parts = int(index["num_parts"])
+    shards = shard_paths(part_shards, "train", PARTS_FORMAT)
+    n_train = index["splits"]["train"]["num_samples"]
+    D.init_distributed()
+    device = D.device_for_rank()
+    world = D.world_size()
+    if cfg.batch_size % (world * cfg.accum_steps):
+        raise TrainingError(
+            f"pretrain batch_size={cfg.batch_size} is not divisible by {world} rank(s) x accum_steps={cfg.accum_steps}"
+        )
+    micro = cfg.batch_size // (world * cfg.accum_steps)
+    steps_per_epoch = cfg.steps_per_epoch or n_train // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f"pretrain batch_size={cfg.batch_size} exceeds the {n_train} train images: lower it")
+    total_steps = steps_per_epoch * cfg.epochs
+    autocast = device.type == "cuda" if cfg.precision == "auto" else cfg.precision == "bf16"
+
+    model = build_mae(cfg).to(device)
+    no_decay = {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.peak_lr(), betas=tuple(cfg.betas), fused=device.type == "cuda")
+    store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "pretrain"), file_sha256(part_shards / "index.json")))
+    start_epoch = 0
+    state = store.load()  # every rank reads the same file (a shared filesystem under multi-node DDP)
+    if state is not None:
+        if state.get("world_size") != world:
+            log.warning("resuming a run saved with %s rank(s) on %s: the data order from here on differs from "
+                        "an unbroken run's", state.get("world_size"), world)  # fmt: skip
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        if curve_rows is not None:
+            curve_rows[:] = state.get("curves", [])
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"pretrain {cfg.masking}", unit="step",
+               disable=not D.is_main(), mininterval=1.0)  # fmt: skip
+    epoch_loss = float("nan")
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        loader = make_loader(shards, num_parts, cfg.img_size, cfg.grid, micro, steps_per_epoch * cfg.accum_steps,
+                             epoch, cfg.seed, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.shuffle_buffer,
+                             cfg.num_workers)  # fmt: skip
+        batches = iter(loader)
+        gen = seeded_generator(device, cfg.seed, epoch, D.rank())
+        losses = []
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            lr, alpha = lr_at(cfg, step, steps_per_epoch), alpha_at(cfg, step, steps_per_epoch)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for k in range(cfg.accum_steps):
+                images, parts, _ = next(batches)
+                x = normalize(images.to(device, non_blocking=True).float() / 255)
+                masking = make_masking(cfg, parts.to(device, non_blocking=True), alpha, num_parts, gen)
+                sync = k == cfg.accum_steps - 1 or world == 1
+                ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
+                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss, _ = ddp(x, masking)
+                    (loss / cfg.accum_steps).backward()
+                step_loss += loss.detach() / cfg.accum_steps
+            if cfg.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            bar.update()
+            if log_row is not None and D.is_main() and (step + 1) % cfg.log_every == 0:
+                log_row(step + 1, {"loss": float(step_loss), "lr": lr, "alpha": alpha, "epoch": epoch + 1})
+        epoch_loss = float(torch.stack(losses).mean())
+        if not math.isfinite(epoch_loss):
+            raise TrainingError(
+                f"pretrain loss became {epoch_loss} in epoch {epoch + 1}: lower pretrain base_lr "
+                f"({cfg.base_lr}) or set clip_grad"
+            )
+        bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        last = epoch + 1 == cfg.epochs
+        if D.is_main() and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
+            store.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                        "curves": list(curve_rows or []), "world_size": world})  # fmt: skip
+        D.barrier()
+    bar.close()
+
+    result: dict = {}
+    if D.is_main():
+        result = {"variant_masking": cfg.masking, "final_loss": None if math.isnan(epoch_loss) else epoch_loss,
+                  "epochs": cfg.epochs, "steps": total_steps, "images_seen": total_steps * cfg.batch_size,
+                  "resumed_from_epoch": start_epoch}  # fmt: skip
+        meta = {"arch": cfg.arch, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
+                "depth": cfg.depth, "num_heads": cfg.num_heads, "masking": cfg.masking, "seed": cfg.seed,
+                "num_parts": num_parts, "part_shards_index_sha256": file_sha256(part_shards / "index.json"), **result}  # fmt: skip
+        with atomic_output_dir(out_dir) as tmp:
+            save_backbone(model.encoder, tmp / "encoder.pth", dtype=torch.float32)
+            save_state(model, tmp / "mae.pth")
+            (tmp / "config.json").write_bytes(resolved_config(cfg, "pretrain"))
+            (tmp / "meta.json").write_bytes(json_bytes(meta))
+        if figures is not None:
+            figures(model.eval(), cfg, num_parts)
+    D.barrier()
+    D.cleanup()
+    return result
+
+
+def save_state(model: torch.nn.Module, path: Path) -> None:
+    """The whole model (encoder and decoder) as ``{'model': state_dict}``, fp32, atomically."""
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.detach().cpu() for k, v in sorted(model.state_dict().items())}}, buf)
+    atomic_write_bytes(path, buf.getvalue())

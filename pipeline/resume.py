@@ -1,0 +1,78 @@
+"""Resume checkpoints for long trainings: the last two good states, tied to the run's config.
+
+A training stage keeps ``<dir>/last.pth`` and ``<dir>/prev.pth`` (a DVC ``persist`` output, so
+``dvc repro`` does not delete it before rerunning a killed stage). Each save writes a temporary file
+and renames it; the previous ``last`` becomes ``prev``. Loading tries ``last`` then ``prev``: a file
+that is truncated or unreadable is skipped with a warning, and a state written under a different
+config (``fingerprint``) is ignored, so a changed parameter never resumes a stale run.
+States are plain dicts of tensors and Python values, read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pipeline.io import atomic_write_bytes
+
+__all__ = ["ResumeStore", "fingerprint"]
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(*parts: bytes | str) -> str:
+    """sha256 over the given config/input identities."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class ResumeStore:
+    def __init__(self, directory: str | Path, fingerprint: str) -> None:
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pth"
+
+    @property
+    def prev(self) -> Path:
+        return self.dir / "prev.pth"
+
+    def save(self, state: dict) -> None:
+        """Write ``state`` (plus the fingerprint) as the new ``last``; the old ``last`` becomes ``prev``."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save({**state, "fingerprint": self.fingerprint}, buf)
+        tmp = self.dir / ".next.pth"
+        atomic_write_bytes(tmp, buf.getvalue())
+        if self.last.exists():
+            os.replace(self.last, self.prev)
+        os.replace(tmp, self.last)
+
+    def load(self) -> Optional[dict]:
+        """The newest readable state written under this fingerprint, or ``None`` (start fresh)."""
+        for path in (self.last, self.prev):
+            if not path.is_file():
+                continue
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # truncated or corrupt: fall back to the older state
+                log.warning("resume checkpoint %s is unreadable (%s: %s); trying the previous one",
+                            path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+                continue
+            if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+                log.info("resume checkpoint %s belongs to another config or input; not resuming from it", path)
+                continue
+            log.info("resuming from %s (epoch %s)", path, state.get("epoch"))
+            return state
+        return None

@@ -1,0 +1,76 @@
+"""DVC stage ``pretrain``: one MAE run (a masking variant x a seed) on the export_parts shards."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import typer
+
+from pipeline.config.pretrain import load_pretrain_config
+from pipeline.io import atomic_write_json
+
+log = logging.getLogger("semmae.pretrain")
+
+
+def main(
+    variant: str = typer.Option(..., help="Key of pretrain.variants (its overrides of pretrain.common)."),
+    seed: int = typer.Option(0, help="Run seed (one of pretrain.seeds)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its 'pretrain' section is read."),
+    part_shards: Path = typer.Option(Path("data/part_shards"), help="Shard set written by `semmae export_parts`."),
+    out: Path = typer.Option(..., help="Output directory: encoder.pth (timm ViT), mae.pth, config.json, meta.json."),
+    resume: Path = typer.Option(..., help="Resume-checkpoint directory (kept between runs; a DVC persist output)."),
+    metrics: Path = typer.Option(..., help="Final loss, steps, throughput (JSON)."),
+    curves: Path = typer.Option(..., help="Per-step loss, lr and alpha (TSV)."),
+    figures: Path = typer.Option(..., help="Directory for reconstruction.png and curriculum_masks.png."),
+) -> None:
+    """Pretrain a MAE with the variant's masking (semantic: SemMAE's curriculum; random: plain MAE).
+
+    A killed run rerun with the same parameters continues from the last epoch in RESUME. Runs under
+    `torchrun --nproc_per_node=N --no-python semmae pretrain ...` with the same global batch.
+    """
+
+    from pipeline.curves import CurveLog
+    from pipeline.data.shards import shard_paths
+    from pipeline.mae.data import fixed_images
+    from pipeline.mae.figures import (
+        curriculum_figure,
+        curriculum_titles,
+        reconstruction_figure,
+    )
+    from pipeline.mae.train import (
+        PARTS_FORMAT,
+        make_masking,
+        pretrain,
+        seeded_generator,
+    )
+
+    cfg = load_pretrain_config(params, variant, seed)
+    log.info("pretrain %s-%d: masking=%s schedule=%s epochs=%d batch=%d peak lr %.3g", variant, seed, cfg.masking,
+             cfg.schedule, cfg.epochs, cfg.batch_size, cfg.peak_lr())  # fmt: skip
+    curve_log = CurveLog(curves) if int(os.environ.get("RANK", "0")) == 0 else None  # rank 0 under torchrun
+
+    def draw(model, cfg, num_parts) -> None:
+        images, parts = fixed_images(shard_paths(part_shards, "val", PARTS_FORMAT), cfg.num_figure_images, num_parts,
+                                     cfg.img_size, cfg.grid)  # fmt: skip
+        device = next(model.parameters()).device
+        parts_d = parts.to(device)
+        schedule = curriculum_titles(cfg)  # (title, alpha) at t = 0, T/2, T
+        masking = make_masking(cfg, parts_d, schedule[-1][1], num_parts, seeded_generator(device, cfg.seed, 1))
+        reconstruction_figure(model, cfg, images, parts, masking, figures / "reconstruction.png")
+        masks = {title: make_masking(cfg, parts_d, a, num_parts, seeded_generator(device, cfg.seed, 2)).mask
+                 for title, a in schedule}  # fmt: skip
+        curriculum_figure(cfg, images, parts, masks, figures / "curriculum_masks.png")
+
+    start = time.perf_counter()
+    result = pretrain(cfg, part_shards, out, resume, log_row=curve_log, curve_rows=curve_log.rows if curve_log else None,
+                      figures=draw)  # fmt: skip
+    if result:
+        seconds = time.perf_counter() - start
+        trained = (result["epochs"] - result["resumed_from_epoch"]) * result["steps"] // result["epochs"]
+        result |= {"seconds": round(seconds, 1), "images_per_second": round(trained * cfg.batch_size / seconds, 1),
+                   "variant": variant, "seed": seed}  # fmt: skip
+        atomic_write_json(metrics, result)
+        log.info("done: %s", result)

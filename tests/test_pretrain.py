@@ -1,0 +1,222 @@
+"""MAE pretraining: model contract, joint augmentation, loader, the stage, resume and DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from conftest import PART_COLOURS, write_params
+from pipeline.config import ConfigError, PretrainConfig, load_pretrain_config
+from pipeline.data.shards import ShardFormatError, shard_paths
+from pipeline.mae.data import joint_crop, make_loader, sample_crop
+from pipeline.mae.masking import random_masking, semantic_masking
+from pipeline.mae.model import MaskedAutoencoder
+from pipeline.mae.train import alpha_at, lr_at
+
+TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 16,
+        "decoder_depth": 1, "decoder_num_heads": 2}  # fmt: skip
+RUN = {**TINY, "epochs": 3, "batch_size": 16, "steps_per_epoch": 3, "warmup_epochs": 0.5, "base_lr": 1e-3,
+       "shuffle_buffer": 32, "num_figure_images": 3}  # fmt: skip
+BIN = Path(sys.executable).parent
+
+
+def tiny_model(**kw) -> MaskedAutoencoder:
+    torch.manual_seed(0)
+    args = {k: v for k, v in TINY.items()}
+    args.update(kw)
+    return MaskedAutoencoder(**args)
+
+
+def test_loss_counts_masked_patches_only():
+    model = tiny_model()
+    x = torch.randn(4, 3, 16, 16)
+    m = random_masking(4, 16, 0.75, torch.Generator().manual_seed(0))
+    _, pred = model(x, m)
+    base = model.forward_loss(x, pred, m.mask)
+    visible = (m.mask == 0).unsqueeze(-1)
+    assert torch.equal(model.forward_loss(x, pred + 5.0 * visible, m.mask), base)
+    assert model.forward_loss(x, pred + 5.0 * ~visible, m.mask) > base + 1
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
+    model = tiny_model()
+    x = torch.randn(8, 3, 16, 16)
+    parts = torch.randint(0, 4, (8, 16), generator=torch.Generator().manual_seed(1))
+    m = semantic_masking(parts, 0.75, 0.5, 4, torch.Generator().manual_seed(2))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    first = None
+    for _ in range(30):
+        loss, _ = model(x, m)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.7 * first
+
+
+def test_exported_encoder_loads_into_timm_without_remapping():
+    model = tiny_model().eval()
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,
+                            embed_dim=32, depth=2, num_heads=2).eval()  # fmt: skip
+    vit.load_state_dict(model.encoder_state_dict(), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    everything = random_masking(2, 16, 0.0, torch.Generator().manual_seed(0))  # keeps all 16 patches, shuffled
+    ours = model.forward_encoder(x, everything)
+    theirs = vit.forward_features(x)
+    torch.testing.assert_close(ours[:, 0], theirs[:, 0], atol=1e-5, rtol=1e-5)
+    unshuffled = torch.gather(ours[:, 1:], 1, everything.ids_restore.unsqueeze(-1).expand(-1, -1, 32))
+    torch.testing.assert_close(unshuffled, theirs[:, 1:], atol=1e-5, rtol=1e-5)
+    # the encoder's fixed sin-cos position embedding is not trained
+    assert not model.encoder.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+
+
+def test_joint_crop_keeps_the_part_map_on_the_image():
+    """Images painted by their part map: after any crop and flip, every output patch centre has its part's colour."""
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        g = 8
+        parts = rng.integers(0, 6, (g, g)).astype(np.uint8)
+        img = Image.fromarray(PART_COLOURS[parts].repeat(8, 0).repeat(8, 1))  # 64 x 64, 8-px cells
+        crop = sample_crop(64, (0.2, 1.0), (0.75, 4 / 3), rng)
+        flip = bool(trial % 2)
+        out, ids = joint_crop(img, parts, 64, 8, crop, flip)  # output cells of 8 px: centre pixel (3..4, 3..4)
+        top, left, h, w = crop
+        for r in range(8):
+            for c in range(8):
+                cy, cx = top + (r + 0.5) * h / 8, left + ((7 - c if flip else c) + 0.5) * w / 8
+                if min(cy % 8, 8 - cy % 8, cx % 8, 8 - cx % 8) < 1.0:
+                    continue  # the centre lies on a cell border: the bicubic pixel blends two colours
+                pixel = out[:, int(r * 8 + 4), int(c * 8 + 4)]
+                assert np.abs(pixel.astype(int) - PART_COLOURS[ids[r, c]].astype(int)).max() < 60, (trial, r, c)
+
+
+def test_loader_yields_a_fixed_number_of_batches_seeded_by_epoch(part_shards):
+    shards = shard_paths(part_shards, "train", "semmae-parts/1")
+
+    def epoch(e, workers=0):
+        dl = make_loader(shards, 4, 16, 4, 8, 5, e, 0, (0.2, 1.0), (0.75, 4 / 3), 0.5, 16, workers)
+        return [(x.clone(), p.clone(), y.clone()) for x, p, y in dl]
+
+    a, b, c = epoch(0), epoch(0), epoch(1)
+    assert len(a) == 5 and all(x.shape == (8, 3, 16, 16) and p.shape == (8, 4, 4) for x, p, _ in a)
+    assert all(torch.equal(x1, x2) and torch.equal(p1, p2) for (x1, p1, _), (x2, p2, _) in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0])
+    assert len(epoch(0, workers=2)) == 5  # shared between two worker processes
+    with pytest.raises(ShardFormatError, match="4 train shards cannot feed 1 rank"):
+        make_loader(shards, 4, 16, 4, 8, 5, 0, 0, (0.2, 1.0), (0.75, 4 / 3), 0.5, 16, num_workers=5)
+
+
+def test_schedules_and_lr():
+    cfg = PretrainConfig(epochs=10, warmup_epochs=1, base_lr=1e-3, batch_size=512, min_lr=0.0)
+    assert lr_at(cfg, 0, 100) == 0.0
+    assert lr_at(cfg, 100, 100) == pytest.approx(2e-3)  # peak = base * 512 / 256 after warm-up
+    assert lr_at(cfg, 550, 100) == pytest.approx(1e-3)  # half-way through the cosine
+    assert alpha_at(cfg, 500, 100) == pytest.approx(0.25)  # (t/T)^2 per iteration
+    per_epoch = PretrainConfig(epochs=10, curriculum_unit="epoch")
+    assert alpha_at(per_epoch, 450, 100) == pytest.approx(0.25)  # ((4 + 1) / 10)^2
+    assert alpha_at(PretrainConfig(masking="random"), 450, 100) == 0.0
+
+
+def test_variant_config_merges_common_and_names_bad_keys(tmp_path):
+    params = write_params(tmp_path / "p.yaml", pretrain={
+        "seeds": [0, 1], "common": {"epochs": 3, "gamma": 2.0},
+        "variants": {"semantic": {"masking": "semantic", "gamma": 1.0}, "random": {"masking": "random"}}})  # fmt: skip
+    cfg = load_pretrain_config(params, "semantic", 1)
+    assert (cfg.epochs, cfg.gamma, cfg.seed, cfg.masking) == (3, 1.0, 1, "semantic")
+    assert load_pretrain_config(params, "random", 0).gamma == 2.0
+    with pytest.raises(ConfigError, match="no variant 'pretrain.variants.fixed'"):
+        load_pretrain_config(params, "fixed", 0)
+    write_params(params, pretrain={"common": {"epochs": 3}, "variants": {"semantic": {"gama": 1.0}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'pretrain.variants.semantic.gama'"):
+        load_pretrain_config(params, "semantic", 0)
+    write_params(params, pretrain={"common": {"mask_ratio": 1.5}, "variants": {"semantic": {}}})
+    with pytest.raises(ConfigError, match=r"'pretrain.common.mask_ratio' = 1.5 is invalid"):
+        load_pretrain_config(params, "semantic", 0)
+
+
+def run_stage(tmp_path: Path, part_shards: Path, name: str, variant: str = "semantic", torchrun: int = 0,
+              wait: bool = True, **overrides):  # fmt: skip
+    write_params(tmp_path / "params.yaml", pretrain={"seeds": [0], "common": {**RUN, **overrides},
+                 "variants": {"semantic": {"masking": "semantic"}, "random": {"masking": "random"}}})  # fmt: skip
+    args = ["semmae", "pretrain", "--params", "params.yaml", "--variant", variant, "--seed", "0",
+            "--part-shards", str(part_shards), "--out", f"{name}/out", "--resume", f"{name}/resume",
+            "--metrics", f"{name}/m.json", "--curves", f"{name}/c.tsv", "--figures", f"{name}/fig"]  # fmt: skip
+    if torchrun:
+        args = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={torchrun}", "--no-python", *args]
+    else:
+        args[0] = str(BIN / "semmae")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_stage_writes_timm_encoder_figures_and_curves(tmp_path, part_shards):
+    run_stage(tmp_path, part_shards, "a")
+    out = tmp_path / "a"
+    assert sorted(p.name for p in (out / "out").iterdir()) == ["config.json", "encoder.pth", "mae.pth", "meta.json"]
+    sd = torch.load(out / "out" / "encoder.pth", weights_only=True)["state_dict"]
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=4, embed_dim=32, depth=2,
+                            num_heads=2)  # fmt: skip
+    vit.load_state_dict(sd, strict=True)
+    for png in ("reconstruction.png", "curriculum_masks.png"):
+        assert Image.open(out / "fig" / png).size[0] > 300
+    rows = (out / "c.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["step", "alpha", "epoch", "loss", "lr"] and len(rows) == 1 + 9
+    alphas = [float(r.split("\t")[1]) for r in rows[1:]]
+    assert alphas == sorted(alphas) and alphas[0] == 0 and alphas[-1] > 0.7  # the curriculum moves to whole parts
+    metrics = json.loads((out / "m.json").read_text())
+    assert metrics["steps"] == 9 and metrics["resumed_from_epoch"] == 0 and np.isfinite(metrics["final_loss"])
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path, part_shards):
+    run_stage(tmp_path, part_shards, "unbroken", steps_per_epoch=6)
+    proc = run_stage(tmp_path, part_shards, "broken", wait=False, steps_per_epoch=6)
+    last = tmp_path / "broken" / "resume" / "last.pth"
+    deadline = time.monotonic() + 240
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # right after the first epoch's checkpoint
+    proc.wait(timeout=30)
+    assert not (tmp_path / "broken" / "out").exists(), "the run finished before it could be killed"
+    run_stage(tmp_path, part_shards, "broken", steps_per_epoch=6)
+    assert json.loads((tmp_path / "broken" / "m.json").read_text())["resumed_from_epoch"] >= 1
+    for name in ("encoder.pth", "mae.pth"):
+        assert (tmp_path / "broken" / "out" / name).read_bytes() == (tmp_path / "unbroken" / "out" / name).read_bytes()
+    assert (tmp_path / "broken" / "c.tsv").read_text() == (tmp_path / "unbroken" / "c.tsv").read_text()
+
+
+def test_changed_params_do_not_resume_a_stale_run(tmp_path, part_shards):
+    run_stage(tmp_path, part_shards, "r", epochs=2)
+    run_stage(tmp_path, part_shards, "r", epochs=3)
+    assert json.loads((tmp_path / "r" / "m.json").read_text())["resumed_from_epoch"] == 0
+
+
+def test_bad_shards_fail_before_training(tmp_path, part_shards):
+    write_params(tmp_path / "params.yaml", pretrain={"common": {**RUN, "img_size": 32}, "variants": {"semantic": {}}})
+    res = subprocess.run([str(BIN / "semmae"), "pretrain", "--params", "params.yaml", "--variant", "semantic",
+                          "--part-shards", str(part_shards), "--out", "o", "--resume", "r", "--metrics", "m.json",
+                          "--curves", "c.tsv", "--figures", "f"], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 2
+    assert "part maps are 4x4 but the MAE grid is img_size/patch_size = 32/4 = 8" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_ddp_two_processes(tmp_path, part_shards):
+    run_stage(tmp_path, part_shards, "ddp", torchrun=2, epochs=2)
+    metrics = json.loads((tmp_path / "ddp" / "m.json").read_text())
+    assert metrics["steps"] == 6 and np.isfinite(metrics["final_loss"])
+    sd = torch.load(tmp_path / "ddp" / "out" / "encoder.pth", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert len((tmp_path / "ddp" / "c.tsv").read_text().splitlines()) == 1 + 6  # rank 0 alone writes the curves
