@@ -1,0 +1,89 @@
+"""The ``linprobe`` stages' logic: probe one pretrained encoder, or the two references that need no
+pretraining (raw pixels; a randomly initialised encoder of the same shape)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from pipeline.config.base import resolved_config
+from pipeline.config.linprobe import LinprobeConfig
+from pipeline.data.images import load_split
+from pipeline.data.shards import read_index
+from pipeline.errors import PipelineError
+from pipeline.eval.linprobe import pixel_encoder, probe_features, vit_encoder
+from pipeline.io import atomic_output_dir
+from pipeline.models.checkpoint import build_vit, load_backbone
+
+__all__ = ["probe_pretrained", "probe_references", "load_encoder", "ProbeError"]
+
+log = logging.getLogger(__name__)
+SHAPE_KEYS = ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
+
+
+class ProbeError(PipelineError):
+    """The encoder or the data to probe is missing or inconsistent; the message says which."""
+
+
+def load_encoder(pretrain_dir: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The frozen timm ViT saved by ``pretrain`` (``encoder.pth`` + ``meta.json``), loaded strictly."""
+    pretrain_dir = Path(pretrain_dir)
+    meta_path = pretrain_dir / "meta.json"
+    if not meta_path.is_file():
+        raise ProbeError(f"{meta_path} not found: {pretrain_dir} is not a pretrain output (run dvc repro pretrain)")
+    meta = json.loads(meta_path.read_text())
+    missing = [k for k in SHAPE_KEYS if k not in meta]
+    if missing:
+        raise ProbeError(f"{meta_path}: missing {missing}")
+    vit = build_vit(meta["arch"], meta["img_size"], meta["patch_size"], meta["depth"], meta["num_heads"],
+                    meta["embed_dim"])  # fmt: skip
+    return load_backbone(vit, pretrain_dir / "encoder.pth"), meta
+
+
+def _splits(prepared: Path, img_size: int):
+    index = read_index(prepared)
+    classes = len(index["classes"])
+    train = load_split(prepared, "train", img_size, desc="load train")
+    val = load_split(prepared, "val", img_size, desc="load val")
+    labels = torch.cat([train[1], val[1]])
+    if int(labels.max()) >= classes or int(labels.min()) < 0:
+        raise ProbeError(f"{prepared}: labels outside [0, {classes}) for the {classes} classes of index.json")
+    return (train[0], train[1]), (val[0], val[1]), classes
+
+
+def _save_head(head: torch.nn.Module, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save({"head": {k: v.detach().cpu() for k, v in sorted(head.state_dict().items())}}, buf)
+    path.write_bytes(buf.getvalue())
+
+
+def probe_pretrained(cfg: LinprobeConfig, prepared: str | Path, pretrain_dir: str | Path, out_dir: str | Path,
+                     device: torch.device, log_row: Optional[Callable[[int, dict], None]] = None) -> dict:  # fmt: skip
+    """Linear probe + k-NN of one pretrained encoder; writes ``head.pth`` + ``config.json`` into ``out_dir``."""
+    vit, meta = load_encoder(pretrain_dir)
+    train, val, classes = _splits(Path(prepared), meta["img_size"])
+    metrics, head = probe_features(vit_encoder(vit, device), train, val, classes, cfg, device, log_row,
+                                   desc=f"linprobe {meta.get('masking', '')}")  # fmt: skip
+    with atomic_output_dir(out_dir) as tmp:
+        _save_head(head, tmp / "head.pth")
+        (tmp / "config.json").write_bytes(resolved_config(cfg, "linprobe"))
+    return {**metrics, "masking": meta.get("masking"), "seed": meta.get("seed"), "pretrain_epochs": meta.get("epochs"),
+            "num_classes": classes}  # fmt: skip
+
+
+def probe_references(cfg: LinprobeConfig, prepared: str | Path, shape: dict, device: torch.device) -> dict:
+    """The rows that need no pretraining: raw pixels, and a random encoder of ``shape`` (MAE's init)."""
+    from pipeline.config.pretrain import PretrainConfig
+    from pipeline.mae.train import build_mae
+
+    train, val, classes = _splits(Path(prepared), shape["img_size"])
+    pixels, _ = probe_features(pixel_encoder, train, val, classes, cfg, device, desc="linprobe raw pixels")
+    encoder = build_mae(PretrainConfig(**{k: shape[k] for k in SHAPE_KEYS}, seed=cfg.seed)).encoder
+    random, _ = probe_features(vit_encoder(encoder, device), train, val, classes, cfg, device,
+                               desc="linprobe random encoder")  # fmt: skip
+    return {"raw_pixels": pixels, "random_encoder": random, "num_classes": classes}

@@ -1,0 +1,55 @@
+"""DVC stages ``linprobe`` (one pretrained encoder) and ``linprobe_reference`` (raw pixels, random encoder)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from pipeline.config.base import load_stage_config
+from pipeline.config.linprobe import LinprobeConfig
+from pipeline.io import atomic_write_json
+
+log = logging.getLogger("semmae.linprobe")
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its 'linprobe' section is read."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Labelled shard set written by `semmae prepare`."),
+    pretrained: Path = typer.Option(..., help="A pretrain output directory (encoder.pth + meta.json)."),
+    out: Path = typer.Option(..., help="Output directory: head.pth + config.json."),
+    metrics: Path = typer.Option(..., help="top-1, top-5, k-NN top-1 (JSON)."),
+    curves: Path = typer.Option(..., help="Per-epoch loss, train accuracy and lr (TSV)."),
+) -> None:
+    """MAE's linear probe (BatchNorm + linear head on the frozen CLS token, LARS) and k-NN of one encoder."""
+    from pipeline.curves import CurveLog
+    from pipeline.eval.probe_run import probe_pretrained
+
+    cfg = load_stage_config(LinprobeConfig, params, "linprobe")
+    result = probe_pretrained(cfg, prepared, pretrained, out, _device(), CurveLog(curves))
+    atomic_write_json(metrics, result)
+    log.info("done: %s", result)
+
+
+def reference(
+    params: Path = typer.Option(Path("params.yaml"), help="Its 'linprobe' and 'pretrain.common' sections are read."),
+    prepared: Path = typer.Option(Path("data/prepared"), help="Labelled shard set written by `semmae prepare`."),
+    metrics: Path = typer.Option(..., help="Probe and k-NN of raw pixels and of a random encoder (JSON)."),
+) -> None:
+    """The rows that need no pretraining: raw pixels, and a randomly initialised encoder shaped like
+    pretrain.common's (MAE's initialisation), probed exactly like the pretrained encoders."""
+    from pipeline.config.pretrain import load_pretrain_config
+    from pipeline.eval.probe_run import SHAPE_KEYS, probe_references
+
+    cfg = load_stage_config(LinprobeConfig, params, "linprobe")
+    shape_cfg = load_pretrain_config(params, None, cfg.seed)
+    result = probe_references(cfg, prepared, {k: getattr(shape_cfg, k) for k in SHAPE_KEYS}, _device())
+    atomic_write_json(metrics, result)
+    log.info("done: %s", result)
