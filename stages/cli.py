@@ -10,7 +10,7 @@ from typing import Callable
 import typer
 
 from pipeline.errors import PipelineError
-from stages import export_parts, extract, prepare, teacher, train_parts
+from stages import export_parts, extract, linprobe, prepare, pretrain, report, teacher, train_parts
 
 app = typer.Typer(
     name="semmae",
@@ -50,6 +50,10 @@ app.command("teacher")(_clean_errors(teacher.main))
 app.command("extract")(_clean_errors(extract.main))
 app.command("train_parts")(_clean_errors(train_parts.main))
 app.command("export_parts")(_clean_errors(export_parts.main))
+app.command("pretrain")(_clean_errors(pretrain.main))
+app.command("linprobe")(_clean_errors(linprobe.main))
+app.command("linprobe_reference")(_clean_errors(linprobe.reference))
+app.command("report")(_clean_errors(report.main))
 
 if __name__ == "__main__":
     app()

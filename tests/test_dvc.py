@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def checkout_copy(dest: Path) -> Path:
     ).stdout.decode().split("\0")  # fmt: skip
     for rel in filter(None, files):
         src = REPO / rel
-        if src.is_file() and not rel.startswith(("data/", "metrics/", "plots/")) and rel != "dvc.lock":
+        if src.is_file() and not rel.startswith(("data/", "metrics/", "plots/", "reports/")) and rel != "dvc.lock":
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
@@ -52,10 +53,20 @@ def test_dvc_repro_prepare_is_reproducible(tmp_path, real_fmnist):
     assert locks[0] == locks[1]  # two independent runs: the same output hash
 
 
+def shorten_pretrain(repo: Path, **overrides) -> None:
+    """Seconds-scale pretraining in the copy (the default's minutes are measured by benchmarks/, not here)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["pretrain"]["common"].update({"epochs": 1, "steps_per_epoch": 3, "warmup_epochs": 0.5, **overrides})
+    params["linprobe"].update({"epochs": 2, "warmup_epochs": 1})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def test_dvc_repro_default_dag_runs_once_with_a_teacher_that_beats_random(tmp_path, real_fmnist):
     repo = checkout_copy(tmp_path / "repo")
+    shorten_pretrain(repo)
     out = run(["dvc", "repro"], repo)
-    for stage in ("prepare", "teacher", "extract", "train_parts", "export_parts"):
+    for stage in ("prepare", "teacher", "extract", "train_parts", "export_parts", "pretrain@semantic-0",
+                  "pretrain@random-0", "linprobe@semantic-0", "linprobe@random-0", "linprobe_reference", "report"):  # fmt: skip
         assert f"Running stage '{stage}'" in out
     teacher = json.loads((repo / "metrics" / "teacher.json").read_text())
     assert teacher["init"] == "checkpoint"
@@ -65,6 +76,31 @@ def test_dvc_repro_default_dag_runs_once_with_a_teacher_that_beats_random(tmp_pa
     assert (repo / "plots" / "parts" / "val_parts.png").stat().st_size > 0
     exported = json.loads((repo / "metrics" / "export_parts.json").read_text())
     assert exported == {"grid": 8, "num_parts": 6, "train_samples": 5000, "val_samples": 1000}
+    for variant in ("semantic", "random"):
+        pretrained = json.loads((repo / "metrics" / "pretrain" / f"{variant}-0.json").read_text())
+        assert pretrained["steps"] == 3 and pretrained["variant_masking"] == variant
+        assert (repo / "data" / "pretrain" / f"{variant}-0" / "encoder.pth").is_file()
+        assert (repo / "data" / "resume" / "pretrain" / f"{variant}-0" / "last.pth").is_file()
+        assert (repo / "plots" / "pretrain" / f"{variant}-0" / "curriculum_masks.png").is_file()
+    probes = {name: json.loads((repo / "metrics" / "linprobe" / f"{name}.json").read_text())
+              for name in ("semantic-0", "random-0", "reference")}  # fmt: skip
+    assert all(0 <= p["top1"] <= 1 and 0 <= p["knn_top1"] <= 1 for p in (probes["semantic-0"], probes["random-0"]))
+    assert probes["reference"]["raw_pixels"]["knn_top1"] > 0.6  # Fashion-MNIST pixels: ~78% k-NN
+    report = (repo / "reports" / "linprobe.md").read_text()
+    assert "| semantic |" in report and "| raw pixels |" in report and "not evidence either way" in report
     again = run(["dvc", "repro"], repo)
     assert "Running stage" not in again
     assert "up to date" in run(["dvc", "status"], repo)
+    # a linear-probe parameter reruns the probes and the report, nothing upstream
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["linprobe"]["knn_k"] = 10
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = run(["dvc", "repro", "--dry"], repo)
+    assert sorted(re.findall(r"Running stage '([^']+)'", dry)) == [
+        "linprobe@random-0", "linprobe@semantic-0", "linprobe_reference", "report"]
+    # one variant's parameters rerun that variant, its probe and the report only
+    params["linprobe"]["knn_k"] = 20
+    params["pretrain"]["variants"]["random"]["hflip"] = 0.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dry = run(["dvc", "repro", "--dry"], repo)
+    assert sorted(re.findall(r"Running stage '([^']+)'", dry)) == ["linprobe@random-0", "pretrain@random-0", "report"]
