@@ -140,3 +140,32 @@ def test_export_under_two_processes_equals_one(stages, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert digest(tmp_path / "one") == digest(tmp_path / "two")
+
+
+def test_kmeans_method_exports_nearest_centroid_ids(stages, tmp_path):
+    prepared, teacher, features, _, _ = stages
+    metrics = build_parts(PartsConfig(**{**PARTS, "method": "kmeans"}), prepared, teacher, features, tmp_path / "p",
+                          references=False)  # fmt: skip
+    assert metrics["method"] == "kmeans" and "parts" in metrics and "kmeans" not in metrics
+    model, meta = load_part_learner(tmp_path / "p" / PARTS_CHECKPOINT)
+    export_parts(ExportPartsConfig(grid=None, batch_size=8), prepared, teacher, tmp_path / "p", tmp_path / "e")
+    va = load_features(features, "val")
+    expected = model.part_logits(None, torch.from_numpy(va["patches"])).argmax(1).numpy()
+    exported = {s["__key__"]: s["parts"] for s in iter_samples(shard_paths(tmp_path / "e", "val", PARTS_FORMAT))}
+    assert np.array_equal(np.stack([exported[k] for k in va["key"]]), expected)
+
+
+def test_random_teacher_method_reads_its_own_random_vit(stages, tmp_path):
+    prepared, teacher, features, _, _ = stages
+    metrics = build_parts(PartsConfig(**{**PARTS, "method": "random_teacher"}), prepared, teacher, features,
+                          tmp_path / "p")  # fmt: skip
+    assert metrics["method"] == "random_teacher" and "random_teacher" not in metrics  # it is the method here
+    from pipeline.parts.build import parts_teacher
+    from pipeline.teacher.build import load_teacher
+
+    vit, tcfg, _ = load_teacher(teacher)
+    rand = parts_teacher(vit, tcfg, tmp_path / "p")
+    assert rand is not vit and not torch.equal(rand.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    export_parts(ExportPartsConfig(grid=None, batch_size=8), prepared, teacher, tmp_path / "p", tmp_path / "e")
+    ids = np.stack([s["parts"] for s in iter_samples(shard_paths(tmp_path / "e", "val", PARTS_FORMAT))])
+    assert ids.shape == (20, 4, 4) and ids.max() < 3

@@ -60,7 +60,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.7 * first
+    assert loss.item() < 0.7 * first
 
 
 def test_exported_encoder_loads_into_timm_without_remapping():

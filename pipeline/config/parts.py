@@ -14,9 +14,11 @@ __all__ = ["PartsConfig", "ExportPartsConfig"]
 class PartsConfig(StageConfig):
     """``parts``: the semantic part learner (``train_parts``) and the part maps (``export_parts``)."""
 
-    method: Literal["learned", "attention_heads"] = Field(
+    method: Literal["learned", "attention_heads", "kmeans", "random_teacher"] = Field(
         "learned", description="learned: SemMAE's part learner; attention_heads: argmax over the teacher's "
-        "last-layer CLS-to-patch attention heads (no training; N = number of heads)."
+        "last-layer CLS-to-patch attention heads (no training; N = number of heads); kmeans: cosine k-means "
+        "(N clusters) of the teacher's patch tokens; random_teacher: the part learner on a randomly "
+        "initialised teacher of the same shape. The last three are the ablations of the learned parts."
     )  # fmt: skip
     num_parts: int = Field(6, ge=2, le=64, description="N, the number of parts.")
     epochs: int = Field(10, gt=0)

@@ -37,7 +37,7 @@ from pipeline.parts.train import (
 )
 from pipeline.teacher.build import load_teacher, teacher_vit
 
-__all__ = ["build_parts", "load_part_learner", "PARTS_CHECKPOINT"]
+__all__ = ["build_parts", "load_part_learner", "parts_teacher", "KMeansParts", "PARTS_CHECKPOINT"]
 
 log = logging.getLogger(__name__)
 PARTS_CHECKPOINT = "part_learner.pth"
@@ -71,15 +71,49 @@ def _attention_ids(vit, images: torch.Tensor, grid, batch_size: int = 256) -> to
     return torch.cat(out).to(torch.uint8)
 
 
-def _kmeans_ids(train_patches: torch.Tensor, val_patches: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+class KMeansParts(torch.nn.Module):
+    """Parts = nearest (cosine) of N k-means centroids of the teacher's patch tokens; same interface as
+    :class:`PartLearner` for export (``part_logits``)."""
+
+    def __init__(self, centers: torch.Tensor, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("centers", centers)
+        self.grid = tuple(grid)
+
+    def part_logits(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities ``[B, N, H, W]`` (softmax then argmax = nearest centroid)."""
+        sim = F.normalize(patches.float(), dim=-1) @ self.centers.T  # [B, L, N]
+        return sim.transpose(1, 2).reshape(sim.shape[0], -1, *self.grid) / 0.01
+
+
+def _fit_kmeans(train_patches: torch.Tensor, k: int, seed: int, grid: tuple[int, int]) -> KMeansParts:
     tokens = train_patches.flatten(0, 1)
     g = torch.Generator().manual_seed(seed)
     if len(tokens) > KMEANS_MAX_TOKENS:
         tokens = tokens[torch.randperm(len(tokens), generator=g)[:KMEANS_MAX_TOKENS]]
-    centers = kmeans(tokens, k, seed=seed)
-    b, n, _ = val_patches.shape
-    side = int(round(n**0.5))
-    return (F.normalize(val_patches.float(), dim=-1) @ centers.T).argmax(-1).view(b, side, side).to(torch.uint8)
+    return KMeansParts(kmeans(tokens, k, seed=seed), grid)
+
+
+def _kmeans_ids(train_patches: torch.Tensor, val_patches: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    side = int(round(val_patches.shape[1] ** 0.5))
+    model = _fit_kmeans(train_patches, k, seed, (side, side))
+    return model.part_logits(None, val_patches).argmax(1).to(torch.uint8)
+
+
+def _random_teacher(tcfg, seed: int):
+    torch.manual_seed(seed + 999)
+    return teacher_vit(tcfg).eval()
+
+
+def parts_teacher(vit, tcfg, parts_dir: str | Path):
+    """The ViT whose tokens the saved parts read: ``vit`` itself, or the random teacher stored by
+    ``method: random_teacher``."""
+    obj = torch.load(Path(parts_dir) / PARTS_CHECKPOINT, map_location="cpu", weights_only=True)
+    if "teacher_state" not in obj:
+        return vit
+    rand = teacher_vit(tcfg)
+    rand.load_state_dict(obj["teacher_state"], strict=True)
+    return rand.eval()
 
 
 def load_part_learner(path: str | Path) -> tuple[Optional[PartLearner], dict]:
@@ -91,6 +125,8 @@ def load_part_learner(path: str | Path) -> tuple[Optional[PartLearner], dict]:
     meta = obj["meta"]
     if meta["method"] == "attention_heads":
         return None, meta
+    if meta["method"] == "kmeans":
+        return KMeansParts(obj["state_dict"]["centers"], tuple(meta["grid"])).eval(), meta
     model = PartLearner(meta["dim"], tuple(meta["grid"]), meta["num_parts"], meta["image_size"], meta["decoder_channels"],
                         meta["style_dim"], meta["blur_size"], meta["blur_sigma"], temperature=meta["temperature"])  # fmt: skip
     model.load_state_dict(obj["state_dict"], strict=True)
@@ -123,27 +159,35 @@ def build_parts(
 
     metrics: dict = {"method": cfg.method, "num_parts": n_parts}
     columns: dict[str, torch.Tensor] = {}
-    model = None
-    if cfg.method == "learned":
+    model, extra = None, {}
+    if cfg.method in ("learned", "random_teacher"):
+        if cfg.method == "random_teacher":  # the ablation: the same learner on a random ViT's tokens
+            rand_vit = _random_teacher(tcfg, cfg.seed)
+            (tr_cls, tr_patches), (va_cls, va_patches) = _encode_tokens(rand_vit, tr_images), _encode_tokens(rand_vit, va_images)
+            extra["teacher_state"] = {k: v.contiguous() for k, v in sorted(rand_vit.state_dict().items())}
         model = build_part_learner(cfg, dim, grid, tcfg.img_size)
         metrics["train"] = train_part_learner(model, tr_cls, tr_patches, tr_images, cfg, device, log_epoch)
         model.cpu().eval()
         with torch.no_grad():
             metrics["val_recon_l1"] = losses(model, va_cls, va_patches, va_images, cfg)["recon"].item()
-        columns["learned parts"] = part_ids(model, va_cls, va_patches)
+        columns["learned parts" if cfg.method == "learned" else "random-teacher parts (method)"] = part_ids(model, va_cls, va_patches)
+    elif cfg.method == "kmeans":
+        model = _fit_kmeans(tr_patches, n_parts, cfg.seed, grid)
+        columns["k-means parts (method)"] = model.part_logits(None, va_patches).argmax(1).to(torch.uint8)
     attention = _attention_ids(vit, va_images, grid)
     columns["attention heads"] = attention
     if references:
-        columns["k-means"] = _kmeans_ids(tr_patches, va_patches, n_parts, cfg.seed)
+        if cfg.method != "kmeans":
+            columns["k-means"] = _kmeans_ids(tr_patches, va_patches, n_parts, cfg.seed)
         if cfg.method == "learned":
-            torch.manual_seed(cfg.seed + 999)
-            rand_vit = teacher_vit(tcfg).eval()
+            rand_vit = _random_teacher(tcfg, cfg.seed)
             r_tr, r_va = _encode_tokens(rand_vit, tr_images), _encode_tokens(rand_vit, va_images)
             rand_model = build_part_learner(cfg, dim, grid, tcfg.img_size)
             train_part_learner(rand_model, *r_tr, tr_images, cfg, device, desc="train parts (random teacher)")
             columns["random-teacher parts"] = part_ids(rand_model.cpu(), *r_va)
     heads = vit.blocks[-1].attn.num_heads
     names = {"learned parts": "parts", "k-means": "kmeans", "random-teacher parts": "random_teacher",
+             "random-teacher parts (method)": "parts", "k-means parts (method)": "parts",
              "attention heads": "parts" if cfg.method == "attention_heads" else "attention_heads"}  # fmt: skip
     for title, ids in columns.items():
         metrics[names[title]] = segmentation_stats(ids.long(), heads if title == "attention heads" else n_parts, cfg.seed)
@@ -153,7 +197,7 @@ def build_parts(
             "blur_sigma": cfg.blur_sigma, "temperature": cfg.temperature, "teacher_sha256": teacher_sha}  # fmt: skip
     with atomic_output_dir(out_dir) as tmp:
         state = model.state_dict() if model is not None else {}
-        torch.save({"state_dict": state, "meta": meta}, tmp / PARTS_CHECKPOINT)
+        torch.save({"state_dict": state, "meta": meta, **extra}, tmp / PARTS_CHECKPOINT)
         (tmp / "config.json").write_bytes(resolved_config(cfg, "parts"))
     if figure_path is not None:
         part_overlay_grid(va_images[:8], {t: ids[:8] for t, ids in columns.items()}, figure_path)

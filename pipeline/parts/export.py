@@ -35,7 +35,7 @@ from pipeline.data.shards import (
 )
 from pipeline.features import FeatureError
 from pipeline.io import file_sha256, json_bytes
-from pipeline.parts.build import PARTS_CHECKPOINT, load_part_learner
+from pipeline.parts.build import PARTS_CHECKPOINT, load_part_learner, parts_teacher
 from pipeline.parts.metrics import cls_attention
 from pipeline.sharded import run_sharded
 from pipeline.teacher.build import load_teacher
@@ -70,6 +70,7 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
     index = read_index(prepared_dir)
     vit, tcfg, teacher_sha = load_teacher(teacher_dir)
     learner, meta = load_part_learner(Path(parts_dir) / PARTS_CHECKPOINT)
+    tokens_vit = parts_teacher(vit, tcfg, parts_dir)  # the random ViT for parts.method=random_teacher
     if meta["teacher_sha256"] != teacher_sha:
         raise FeatureError(
             f"the part learner in {parts_dir} was trained on teacher {meta['teacher_sha256'][:12]} but {teacher_dir} "
@@ -83,13 +84,14 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
     D.init_distributed()
     device = D.device_for_rank()
     vit.to(device).eval()
+    tokens_vit.to(device).eval()
     if learner is not None:
         learner.to(device).eval()
 
     def maps_for(images: list[np.ndarray]) -> np.ndarray:
         x = normalize(torch.from_numpy(np.stack(images)).to(device).float() / 255)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            soft = soft_part_maps(vit, learner, meta, x).float()
+            soft = soft_part_maps(tokens_vit, learner, meta, x).float()
         if soft.shape[-1] != grid:
             soft = F.interpolate(soft, size=(grid, grid), mode="bilinear", align_corners=False)
         return soft.argmax(1).to(torch.uint8).cpu().numpy()
