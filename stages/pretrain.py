@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -31,42 +32,18 @@ def main(
     A killed run rerun with the same parameters continues from the last epoch in RESUME. Runs under
     `torchrun --nproc_per_node=N --no-python semmae pretrain ...` with the same global batch.
     """
-
     from pipeline.curves import CurveLog
-    from pipeline.data.shards import shard_paths
-    from pipeline.mae.data import fixed_images
-    from pipeline.mae.figures import (
-        curriculum_figure,
-        curriculum_titles,
-        reconstruction_figure,
-    )
-    from pipeline.mae.train import (
-        PARTS_FORMAT,
-        make_masking,
-        pretrain,
-        seeded_generator,
-    )
+    from pipeline.mae.figures import pretrain_figures
+    from pipeline.mae.train import pretrain
 
     cfg = load_pretrain_config(params, variant, seed)
     log.info("pretrain %s-%d: masking=%s schedule=%s epochs=%d batch=%d peak lr %.3g", variant, seed, cfg.masking,
              cfg.schedule, cfg.epochs, cfg.batch_size, cfg.peak_lr())  # fmt: skip
     curve_log = CurveLog(curves) if int(os.environ.get("RANK", "0")) == 0 else None  # rank 0 under torchrun
 
-    def draw(model, cfg, num_parts) -> None:
-        images, parts = fixed_images(shard_paths(part_shards, "val", PARTS_FORMAT), cfg.num_figure_images, num_parts,
-                                     cfg.img_size, cfg.grid)  # fmt: skip
-        device = next(model.parameters()).device
-        parts_d = parts.to(device)
-        schedule = curriculum_titles(cfg)  # (title, alpha) at t = 0, T/2, T
-        masking = make_masking(cfg, parts_d, schedule[-1][1], num_parts, seeded_generator(device, cfg.seed, 1))
-        reconstruction_figure(model, cfg, images, parts, masking, figures / "reconstruction.png")
-        masks = {title: make_masking(cfg, parts_d, a, num_parts, seeded_generator(device, cfg.seed, 2)).mask
-                 for title, a in schedule}  # fmt: skip
-        curriculum_figure(cfg, images, parts, masks, figures / "curriculum_masks.png")
-
     start = time.perf_counter()
     result = pretrain(cfg, part_shards, out, resume, log_row=curve_log, curve_rows=curve_log.rows if curve_log else None,
-                      figures=draw)  # fmt: skip
+                      figures=functools.partial(pretrain_figures, part_shards=part_shards, figures_dir=figures))  # fmt: skip
     if result:
         seconds = time.perf_counter() - start
         trained = (result["epochs"] - result["resumed_from_epoch"]) * result["steps"] // result["epochs"]

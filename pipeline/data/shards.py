@@ -28,6 +28,7 @@ from pipeline.io import file_sha256
 __all__ = [
     "ShardFormatError",
     "INDEX_FORMAT",
+    "PARTS_FORMAT",
     "write_shards",
     "write_tar",
     "iter_raw_samples",
@@ -39,7 +40,8 @@ __all__ = [
 ]
 
 INDEX_FORMAT = "semmae-shards/1"
-_PRODUCER = {INDEX_FORMAT: "prepare", "semmae-features/1": "extract", "semmae-parts/1": "export_parts"}
+PARTS_FORMAT = "semmae-parts/1"  # export_parts: the prepared samples plus parts.npy
+_PRODUCER = {INDEX_FORMAT: "prepare", "semmae-features/1": "extract", PARTS_FORMAT: "export_parts"}
 TAR_MTIME = 0  # fixed entry mtime: byte-identical tars for identical inputs
 IMAGE_KEYS = ("png", "jpg")
 

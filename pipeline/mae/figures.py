@@ -10,11 +10,13 @@ from PIL import Image
 
 from pipeline.config.pretrain import PretrainConfig
 from pipeline.data.images import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pipeline.data.shards import PARTS_FORMAT, shard_paths
+from pipeline.mae.data import fixed_images
 from pipeline.figures import overlay, save_grid, upscale
 from pipeline.mae.masking import curriculum_alpha
 from pipeline.mae.model import MaskedAutoencoder
 
-__all__ = ["reconstruction_figure", "curriculum_figure", "masked_view"]
+__all__ = ["reconstruction_figure", "curriculum_figure", "masked_view", "curriculum_titles", "pretrain_figures"]
 
 CELL = 96
 
@@ -73,3 +75,22 @@ def curriculum_titles(cfg: PretrainConfig) -> list[tuple[str, float]]:
         a = curriculum_alpha(t, cfg.schedule, cfg.gamma, cfg.alpha)
         out.append((f"{name} a={a:.2f}", a))
     return out
+
+
+def pretrain_figures(model: MaskedAutoencoder, cfg: PretrainConfig, num_parts: int, part_shards: str | Path,
+                     figures_dir: str | Path) -> None:  # fmt: skip
+    """``reconstruction.png`` (masking at the end of the schedule) and ``curriculum_masks.png`` (t = 0,
+    T/2, T) for the first ``num_figure_images`` validation images, with fixed generators."""
+    from pipeline.mae.train import make_masking, seeded_generator  # train imports this module's callers
+
+    figures_dir = Path(figures_dir)
+    images, parts = fixed_images(shard_paths(part_shards, "val", PARTS_FORMAT), cfg.num_figure_images, num_parts,
+                                 cfg.img_size, cfg.grid)  # fmt: skip
+    device = next(model.parameters()).device
+    parts_d = parts.to(device)
+    schedule = curriculum_titles(cfg)  # (title, alpha) at t = 0, T/2, T
+    masking = make_masking(cfg, parts_d, schedule[-1][1], num_parts, seeded_generator(device, cfg.seed, 1))
+    reconstruction_figure(model, cfg, images, parts, masking, figures_dir / "reconstruction.png")
+    masks = {title: make_masking(cfg, parts_d, a, num_parts, seeded_generator(device, cfg.seed, 2)).mask
+             for title, a in schedule}  # fmt: skip
+    curriculum_figure(cfg, images, parts, masks, figures_dir / "curriculum_masks.png")

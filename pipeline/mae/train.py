@@ -24,7 +24,7 @@ from pipeline import distributed as D
 from pipeline.config.base import resolved_config
 from pipeline.config.pretrain import PretrainConfig
 from pipeline.data.images import normalize
-from pipeline.data.shards import ShardFormatError, read_index, shard_paths
+from pipeline.data.shards import PARTS_FORMAT, ShardFormatError, read_index, shard_paths
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_output_dir, atomic_write_bytes, file_sha256, json_bytes
 from pipeline.mae.data import make_loader
@@ -39,9 +39,8 @@ from pipeline.models.checkpoint import save_backbone
 from pipeline.resume import ResumeStore, fingerprint
 from pipeline.schedule import warmup_cosine
 
-__all__ = ["PARTS_FORMAT", "build_mae", "lr_at", "alpha_at", "make_masking", "seeded_generator", "pretrain", "save_state", "TrainingError"]
+__all__ = ["build_mae", "lr_at", "alpha_at", "make_masking", "seeded_generator", "pretrain", "save_state", "TrainingError"]
 
-PARTS_FORMAT = "semmae-parts/1"
 log = logging.getLogger(__name__)
 
 

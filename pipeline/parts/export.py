@@ -27,6 +27,7 @@ from pipeline.config.base import resolved_config
 from pipeline.config.parts import ExportPartsConfig
 from pipeline.data.images import normalize, to_square
 from pipeline.data.shards import (
+    PARTS_FORMAT,
     decode_image,
     decode_sample,
     iter_raw_samples,
@@ -42,7 +43,6 @@ from pipeline.teacher.build import load_teacher
 
 __all__ = ["PARTS_FORMAT", "export_parts", "soft_part_maps"]
 
-PARTS_FORMAT = "semmae-parts/1"
 log = logging.getLogger(__name__)
 
 
