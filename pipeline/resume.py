@@ -4,7 +4,8 @@ A training stage keeps ``<dir>/last.pth`` and ``<dir>/prev.pth`` (a DVC ``persis
 ``dvc repro`` does not delete it before rerunning a killed stage). Each save writes a temporary file
 and renames it; the previous ``last`` becomes ``prev``. Loading tries ``last`` then ``prev``: a file
 that is truncated or unreadable is skipped with a warning, and a state written under a different
-config (``fingerprint``) is ignored, so a changed parameter never resumes a stale run.
+config (``fingerprint``) is ignored, so a changed parameter never resumes a stale run; once the
+run's outputs are written the states are cleared (:meth:`ResumeStore.clear`).
 States are plain dicts of tensors and Python values, read with ``torch.load(weights_only=True)``.
 """
 
@@ -58,6 +59,12 @@ class ResumeStore:
         if self.last.exists():
             os.replace(self.last, self.prev)
         os.replace(tmp, self.last)
+
+    def clear(self) -> None:
+        """Forget the states once the run's final outputs are written: a later rerun (e.g. after a code
+        change) trains from scratch instead of "resuming" a finished run. The directory itself stays."""
+        for path in (self.last, self.prev, self.dir / ".next.pth"):
+            path.unlink(missing_ok=True)
 
     def load(self) -> Optional[dict]:
         """The newest readable state written under this fingerprint, or ``None`` (start fresh)."""

@@ -180,26 +180,32 @@ def test_stage_writes_timm_encoder_figures_and_curves(tmp_path, part_shards):
     assert metrics["steps"] == 9 and metrics["resumed_from_epoch"] == 0 and np.isfinite(metrics["final_loss"])
 
 
-def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path, part_shards):
-    run_stage(tmp_path, part_shards, "unbroken", steps_per_epoch=6)
-    proc = run_stage(tmp_path, part_shards, "broken", wait=False, steps_per_epoch=6)
-    last = tmp_path / "broken" / "resume" / "last.pth"
+def kill_after_first_checkpoint(tmp_path: Path, part_shards: Path, name: str, **overrides) -> None:
+    proc = run_stage(tmp_path, part_shards, name, wait=False, **overrides)
+    last = tmp_path / name / "resume" / "last.pth"
     deadline = time.monotonic() + 240
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # right after the first epoch's checkpoint
     proc.wait(timeout=30)
-    assert not (tmp_path / "broken" / "out").exists(), "the run finished before it could be killed"
+    assert not (tmp_path / name / "out").exists(), "the run finished before it could be killed"
+    assert last.exists()
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path, part_shards):
+    run_stage(tmp_path, part_shards, "unbroken", steps_per_epoch=6)
+    kill_after_first_checkpoint(tmp_path, part_shards, "broken", steps_per_epoch=6)
     run_stage(tmp_path, part_shards, "broken", steps_per_epoch=6)
     assert json.loads((tmp_path / "broken" / "m.json").read_text())["resumed_from_epoch"] >= 1
     for name in ("encoder.pth", "mae.pth"):
         assert (tmp_path / "broken" / "out" / name).read_bytes() == (tmp_path / "unbroken" / "out" / name).read_bytes()
     assert (tmp_path / "broken" / "c.tsv").read_text() == (tmp_path / "unbroken" / "c.tsv").read_text()
+    assert not any((tmp_path / "broken" / "resume").iterdir())  # a finished run leaves nothing to resume
 
 
 def test_changed_params_do_not_resume_a_stale_run(tmp_path, part_shards):
-    run_stage(tmp_path, part_shards, "r", epochs=2)
-    run_stage(tmp_path, part_shards, "r", epochs=3)
+    kill_after_first_checkpoint(tmp_path, part_shards, "r", steps_per_epoch=6)
+    run_stage(tmp_path, part_shards, "r", steps_per_epoch=6, base_lr=2e-3)
     assert json.loads((tmp_path / "r" / "m.json").read_text())["resumed_from_epoch"] == 0
 
 

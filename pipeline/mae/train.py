@@ -132,7 +132,9 @@ def pretrain(
     no_decay = {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.peak_lr(), betas=tuple(cfg.betas), fused=device.type == "cuda")
-    store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "pretrain"), file_sha256(part_shards / "index.json")))
+    code = [Path(__file__).with_name(n).read_bytes() for n in ("data.py", "masking.py", "model.py", "train.py")]
+    store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "pretrain"), file_sha256(part_shards / "index.json"),
+                                                *code))  # fmt: skip
     start_epoch = 0
     state = store.load()  # every rank reads the same file (a shared filesystem under multi-node DDP)
     if state is not None:
@@ -210,6 +212,7 @@ def pretrain(
             (tmp / "meta.json").write_bytes(json_bytes(meta))
         if figures is not None:
             figures(model.eval(), cfg, num_parts)
+        store.clear()
     D.barrier()
     D.cleanup()
     return result
