@@ -197,7 +197,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path, par
     kill_after_first_checkpoint(tmp_path, part_shards, "broken", steps_per_epoch=6)
     run_stage(tmp_path, part_shards, "broken", steps_per_epoch=6)
     assert json.loads((tmp_path / "broken" / "m.json").read_text())["resumed_from_epoch"] >= 1
-    for name in ("encoder.pth", "mae.pth"):
+    for name in ("encoder.pth", "mae.pth", "meta.json", "config.json"):  # the whole output, byte for byte
         assert (tmp_path / "broken" / "out" / name).read_bytes() == (tmp_path / "unbroken" / "out" / name).read_bytes()
     assert (tmp_path / "broken" / "c.tsv").read_text() == (tmp_path / "unbroken" / "c.tsv").read_text()
     assert not any((tmp_path / "broken" / "resume").iterdir())  # a finished run leaves nothing to resume

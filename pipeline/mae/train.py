@@ -204,7 +204,8 @@ def pretrain(
                   "resumed_from_epoch": start_epoch}  # fmt: skip
         meta = {"arch": cfg.arch, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
                 "depth": cfg.depth, "num_heads": cfg.num_heads, "masking": cfg.masking, "seed": cfg.seed,
-                "num_parts": num_parts, "part_shards_index_sha256": file_sha256(part_shards / "index.json"), **result}  # fmt: skip
+                "num_parts": num_parts, "part_shards_index_sha256": file_sha256(part_shards / "index.json"),
+                **{k: v for k, v in result.items() if k != "resumed_from_epoch"}}  # fmt: skip (same bytes resumed or not)
         with atomic_output_dir(out_dir) as tmp:
             save_backbone(model.encoder, tmp / "encoder.pth", dtype=torch.float32)
             save_state(model, tmp / "mae.pth")
