@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "rank", "world_size", "is_main", "barrier", "device_for_rank", "cleanup"]
+__all__ = ["init_distributed", "rank", "world_size", "is_main", "barrier", "device_for_rank", "mean_over_ranks", "cleanup"]
 
 
 def init_distributed() -> None:
@@ -39,6 +39,15 @@ def device_for_rank() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``t`` over all ranks (``t`` itself in a single process)."""
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)  # SUM: gloo has no AVG
+    return t / world_size()
 
 
 def cleanup() -> None:

@@ -31,13 +31,13 @@ from pipeline import distributed as D
 from pipeline.config.base import resolved_config
 from pipeline.config.extract import ExtractConfig
 from pipeline.data.images import normalize, to_square
-from pipeline.data.shards import decode_image, iter_samples, read_index
+from pipeline.data.shards import decode_image, iter_samples, read_index, select_ordinals
 from pipeline.errors import PipelineError
 from pipeline.io import json_bytes
 from pipeline.sharded import run_sharded
 from pipeline.teacher.build import load_teacher
 
-__all__ = ["FEATURES_FORMAT", "FeatureError", "extract_features", "read_features_index", "load_features", "select_ordinals"]
+__all__ = ["FEATURES_FORMAT", "FeatureError", "extract_features", "read_features_index", "load_features"]
 
 FEATURES_FORMAT = "semmae-features/1"
 log = logging.getLogger(__name__)
@@ -45,14 +45,6 @@ log = logging.getLogger(__name__)
 
 class FeatureError(PipelineError):
     """Feature shards are missing, inconsistent or from another teacher."""
-
-
-def select_ordinals(total: int, limit: Optional[int], seed: int, split: str) -> Optional[set[int]]:
-    """Seeded subset of sample ordinals (position in shard order) of a split; None = all."""
-    if limit is None or limit >= total:
-        return None
-    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split]])
-    return set(rng.choice(total, size=limit, replace=False).tolist())
 
 
 def _schema(dim: int, tokens: int, meta: dict) -> pa.Schema:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 import typer
@@ -22,18 +24,46 @@ app = typer.Typer(
 )
 
 
+# Stages that run in one process: under torchrun, ranks > 0 return at once (rank 0 does the work and
+# writes). prepare has its own worker processes; the part learner trains on cached features in minutes.
+# teacher, extract, export_parts, pretrain and linprobe share their work across the ranks.
+RANK0_STAGES = {"check", "prepare", "train_parts", "report"}
+
+
 def _clean_errors(fn: Callable) -> Callable:
     """Turn a PipelineError into one clear line on stderr and exit status 2, without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        name = fn.__module__.rsplit(".", 1)[-1] if fn.__module__ != __name__ else fn.__name__
+        rank = int(os.environ.get("RANK", "0"))
+        if rank > 0 and name in RANK0_STAGES:
+            logging.getLogger("semmae").info("%s runs in one process: rank %d has nothing to do", name, rank)
+            return None
         try:
+            if kwargs.get("params") is not None:  # the whole file, cross-stage constraints included
+                _check(kwargs["params"])
             return fn(*args, **kwargs)
         except PipelineError as exc:
-            print(f"semmae {fn.__module__.rsplit('.', 1)[-1]}: error: {exc}", file=sys.stderr)
+            print(f"semmae {name}: error: {exc}", file=sys.stderr)
             raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+def _check(params) -> None:
+    from pipeline.config.check import check_params
+
+    report = check_params(params)
+    for warning in report.warnings:
+        logging.getLogger("semmae.check").warning(warning)
+    report.raise_errors()
+
+
+def check(params: Path = typer.Option(Path("params.yaml"), help="Parameter file to check.")) -> None:
+    """Check every section of PARAMS and what must agree across stages (grids, batches, shards), without
+    computing anything: the check every stage runs first, on its own."""
+    typer.echo(f"{params}: every section valid, stages consistent")
 
 
 @app.callback()
@@ -45,6 +75,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     )
 
 
+app.command("check")(_clean_errors(check))
 app.command("prepare")(_clean_errors(prepare.main))
 app.command("teacher")(_clean_errors(teacher.main))
 app.command("extract")(_clean_errors(extract.main))

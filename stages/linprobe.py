@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -15,9 +16,13 @@ log = logging.getLogger("semmae.linprobe")
 
 
 def _device():
-    import torch
+    from pipeline.distributed import device_for_rank
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device_for_rank()
+
+
+def _main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def main(
@@ -33,8 +38,9 @@ def main(
     from pipeline.eval.probe_run import probe_pretrained
 
     cfg = load_stage_config(LinprobeConfig, params, "linprobe")
-    result = probe_pretrained(cfg, prepared, pretrained, out, _device(), CurveLog(curves))
-    atomic_write_json(metrics, result)
+    result = probe_pretrained(cfg, prepared, pretrained, out, _device(), CurveLog(curves) if _main() else None)
+    if result:  # rank 0 (under torchrun the other ranks only share the encoding)
+        atomic_write_json(metrics, result)
     log.info("done: %s", result)
 
 
@@ -51,5 +57,6 @@ def reference(
     cfg = load_stage_config(LinprobeConfig, params, "linprobe")
     shape_cfg = load_pretrain_config(params, None, cfg.seed)
     result = probe_references(cfg, prepared, {k: getattr(shape_cfg, k) for k in SHAPE_KEYS}, _device())
-    atomic_write_json(metrics, result)
+    if result:
+        atomic_write_json(metrics, result)
     log.info("done: %s", result)

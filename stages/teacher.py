@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -33,5 +34,7 @@ def main(
 
     cfg = load_stage_config(TeacherConfig, params, "teacher")
     log.info("teacher: init=%s arch=%s img_size=%d patch=%s", cfg.init, cfg.arch, cfg.img_size, cfg.patch_size)
-    result = build_teacher(cfg, prepared, out, log_step=CurveLog(curves), max_steps=max_steps)
-    atomic_write_json(metrics, result)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
+    result = build_teacher(cfg, prepared, out, log_step=CurveLog(curves) if main else None, max_steps=max_steps)
+    if result:
+        atomic_write_json(metrics, result)

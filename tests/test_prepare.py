@@ -84,11 +84,14 @@ def test_decoded_images_equal_the_source_pixels(fake_fmnist, tmp_path):
         assert seen == set(range(len(images)))
 
 
-def test_resize_scales_the_shorter_side(fake_fmnist, tmp_path):
+def test_resize_shrinks_the_shorter_side_and_never_enlarges(fake_fmnist, tmp_path):
     root, _ = fake_fmnist
-    prepare_dataset(cfg_for(root, resize=32, train_limit=10, val_limit=10), tmp_path / "out")
+    prepare_dataset(cfg_for(root, resize=20, train_limit=10, val_limit=10), tmp_path / "out")
     s = next(iter_samples(shard_paths(tmp_path / "out", "train")))
-    assert decode_image(s["image"]).size == (32, 32) and s["json"]["orig_size"] == [28, 28]
+    assert decode_image(s["image"]).size == (20, 20) and s["json"]["orig_size"] == [28, 28]
+    prepare_dataset(cfg_for(root, resize=32, train_limit=10, val_limit=10), tmp_path / "big")
+    s = next(iter_samples(shard_paths(tmp_path / "big", "train")))
+    assert decode_image(s["image"]).size == (28, 28)  # smaller than the resize: kept as it is
 
 
 def test_balanced_subset_gives_unused_share_of_small_classes_to_others():

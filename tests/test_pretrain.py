@@ -99,20 +99,30 @@ def test_joint_crop_keeps_the_part_map_on_the_image():
                 assert np.abs(pixel.astype(int) - PART_COLOURS[ids[r, c]].astype(int)).max() < 60, (trial, r, c)
 
 
-def test_loader_yields_a_fixed_number_of_batches_seeded_by_epoch(part_shards):
+def test_loader_yields_a_fixed_number_of_batches_seeded_by_epoch_whatever_the_workers(part_shards):
     shards = shard_paths(part_shards, "train", "semmae-parts/1")
 
-    def epoch(e, workers=0):
-        dl = make_loader(shards, 4, 16, 4, 8, 5, e, 0, (0.2, 1.0), (0.75, 4 / 3), 0.5, 16, workers)
-        return [(x.clone(), p.clone(), y.clone()) for x, p, y in dl]
+    def epoch(e, workers=0, streams=2, batch=8):
+        dl = make_loader(shards, 4, 16, 4, batch, 5, e, 0, (0.2, 1.0), (0.75, 4 / 3), 0.5, 16, workers, streams, 40)
+        return [tuple(t.clone() for t in item) for item in dl]
 
     a, b, c = epoch(0), epoch(0), epoch(1)
-    assert len(a) == 5 and all(x.shape == (8, 3, 16, 16) and p.shape == (8, 4, 4) for x, p, _ in a)
-    assert all(torch.equal(x1, x2) and torch.equal(p1, p2) for (x1, p1, _), (x2, p2, _) in zip(a, b))
+    assert len(a) == 5 and all(x.shape == (8, 3, 16, 16) and p.shape == (8, 4, 4) and n.shape == (8, 40)
+                               for x, p, _, n in a)  # fmt: skip
+    assert all(all(torch.equal(u, v) for u, v in zip(i, j)) for i, j in zip(a, b))
     assert not torch.equal(a[0][0], c[0][0])
-    assert len(epoch(0, workers=2)) == 5  # shared between two worker processes
-    with pytest.raises(ShardFormatError, match="4 train shards cannot feed 1 rank"):
-        make_loader(shards, 4, 16, 4, 8, 5, 0, 0, (0.2, 1.0), (0.75, 4 / 3), 0.5, 16, num_workers=5)
+    # the same two streams served by two worker processes: the very same batches, crops and noise
+    two = epoch(0, workers=2)
+    assert all(all(torch.equal(u, v) for u, v in zip(i, j)) for i, j in zip(a, two))
+    # half-size micro-batches (accumulation, or two ranks) are the same samples, split differently
+    halves = epoch(0, batch=4)
+    assert torch.equal(halves[0][0][:2], a[0][0][:2]) and torch.equal(halves[0][0][2:], a[0][0][4:6])
+    with pytest.raises(ShardFormatError, match="4 train shards cannot feed 5 loader streams"):
+        epoch(0, streams=5, batch=5)
+    with pytest.raises(ShardFormatError, match="loader_streams=3 must be a multiple of 1 rank"):
+        epoch(0, workers=2, streams=3)
+    with pytest.raises(ShardFormatError, match="cannot be split over its 2 loader streams"):
+        epoch(0, batch=7)
 
 
 def test_schedules_and_lr():
@@ -219,10 +229,26 @@ def test_bad_shards_fail_before_training(tmp_path, part_shards):
     assert not (tmp_path / "o").exists()
 
 
-def test_ddp_two_processes(tmp_path, part_shards):
-    run_stage(tmp_path, part_shards, "ddp", torchrun=2, epochs=2)
-    metrics = json.loads((tmp_path / "ddp" / "m.json").read_text())
-    assert metrics["steps"] == 6 and np.isfinite(metrics["final_loss"])
-    sd = torch.load(tmp_path / "ddp" / "out" / "encoder.pth", weights_only=True)["state_dict"]
-    assert all(torch.isfinite(v).all() for v in sd.values())
-    assert len((tmp_path / "ddp" / "c.tsv").read_text().splitlines()) == 1 + 6  # rank 0 alone writes the curves
+def curve(path: Path) -> np.ndarray:
+    rows = [r.split("\t") for r in path.read_text().splitlines()]
+    return np.array([[float(v) for v in r] for r in rows[1:]])[:, rows[0].index("loss")]
+
+
+def test_two_processes_follow_the_one_process_loss_curve(tmp_path, part_shards):
+    """Same global batch (16) on 1 process, on 2 processes (torchrun, gloo), and on 1 process with 2
+    accumulation steps: with a fixed loader_streams, the same samples, crops and masks, so the same run."""
+    same = {"epochs": 2, "loader_streams": 2}
+    run_stage(tmp_path, part_shards, "one", **same)
+    run_stage(tmp_path, part_shards, "ddp", torchrun=2, **same)
+    run_stage(tmp_path, part_shards, "accum", accum_steps=2, **same)
+    one = curve(tmp_path / "one" / "c.tsv")
+    assert len(one) == 6 and np.isfinite(one).all()
+    encoders = {}
+    for name in ("one", "ddp", "accum"):
+        np.testing.assert_allclose(curve(tmp_path / name / "c.tsv"), one, rtol=1e-5, err_msg=name)
+        assert json.loads((tmp_path / name / "m.json").read_text())["steps"] == 6
+        encoders[name] = torch.load(tmp_path / name / "out" / "encoder.pth", weights_only=True)["state_dict"]
+    for name in ("ddp", "accum"):
+        for key, value in encoders["one"].items():
+            torch.testing.assert_close(encoders[name][key], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+    assert not (tmp_path / "ddp" / "out.tmp").exists()  # rank 0 alone wrote the outputs

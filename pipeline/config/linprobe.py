@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -31,6 +31,10 @@ class LinprobeConfig(StageConfig):
     knn_k: int = Field(20, gt=0, description="k of the k-NN accuracy (cosine, weighted, on the same features).")
     eval_batch_size: int = Field(256, gt=0, description="Images per encoder forward pass.")
     seed: int = Field(0, ge=0, description="Head initialisation and batch order.")
+    pixel_size: Optional[int] = Field(
+        None, gt=0, description="Side the raw-pixels reference is area-resized to before flattening; null = the "
+        "encoder's img_size (ImageNet: 16 keeps it at 768 numbers per image)."
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> "LinprobeConfig":

@@ -41,7 +41,8 @@ class PrepareConfig(StageConfig):
     )
     shard_size: int = Field(1000, gt=0, le=1_000_000, description="Samples per .tar shard.")
     resize: Optional[int] = Field(
-        None, gt=0, le=8192, description="Resize so the shorter side has this many pixels (bicubic); null = keep."
+        None, gt=0, le=8192, description="Shrink so the shorter side has this many pixels (bicubic; smaller images and "
+        "their JPEG bytes are kept as they are); null = keep every image."
     )
     jpeg_quality: int = Field(95, ge=1, le=100, description="Quality of re-encoded JPEGs (only after a resize).")
     seed: int = Field(0, ge=0, description="Seed of the subsets, the held-out split and the sample order.")

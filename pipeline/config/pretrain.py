@@ -63,8 +63,17 @@ class PretrainConfig(StageConfig):
     hflip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip (image and part map together).")
     shuffle_buffer: int = Field(1000, ge=1, description="Samples in each loader stream's shuffle buffer.")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per rank (0 = in the training process).")
+    loader_streams: Optional[int] = Field(
+        None, gt=0, description="Independent data streams (each its own shards and seed); a fixed number makes the batches "
+        "the same on any number of GPUs. null = ranks x max(1, num_workers). Must divide by ranks x workers.",
+    )
+    shards_url: Optional[str] = Field(
+        None, min_length=1, description="Read the train shards from this WebDataset URL template ({path} = "
+        "train/<file>) instead of the part-shard directory, e.g. 'pipe:aws s3 cp s3://bucket/part_shards/{path} -'.",
+    )
     # runtime
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPUs for long runs).")
     checkpoint_every: int = Field(1, gt=0, description="Epochs between resume checkpoints (the last epoch always).")
     log_every: int = Field(1, gt=0, description="Steps between rows of the training curves.")
     num_figure_images: int = Field(8, gt=0, le=64, description="Validation images in the figures.")
@@ -88,6 +97,8 @@ class PretrainConfig(StageConfig):
                                 (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim")):  # fmt: skip
             if dim % heads:
                 raise ValueError(f"{key}={dim} is not a multiple of its number of heads ({heads})")
+        if self.shards_url is not None and "{path}" not in self.shards_url:
+            raise ValueError(f"shards_url={self.shards_url!r} has no '{{path}}' placeholder")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
         return self

@@ -68,6 +68,10 @@ class TeacherConfig(StageConfig):
     num_heads: Optional[int] = Field(4, gt=0, description="Override of the arch's heads; null = keep.")
     embed_dim: Optional[int] = Field(128, gt=0, description="Override of the arch's width; null = keep.")
     knn_k: int = Field(20, gt=0, description="k of the k-NN quality check (cosine, CLS after the final norm).")
+    knn_limit: Optional[int] = Field(
+        None, gt=0, description="k-NN quality check on a seeded subset of at most this many images per split; "
+        "null = all (the split is streamed: only the features are held in memory)."
+    )  # fmt: skip
     eval_batch_size: int = Field(256, gt=0)
     save_dtype: Literal["float16", "float32"] = "float16"
     train: TeacherTrainConfig = TeacherTrainConfig()

@@ -82,7 +82,8 @@ def encode_record(rec: Record, resize: Optional[int], jpeg_quality: int) -> tupl
     """Encode one record into a WebDataset sample, or return ``(None, reason)`` if it cannot be read.
 
     Decoded arrays become lossless PNG. JPEG files are passed through byte for byte unless a resize
-    is asked for (then re-encoded as JPEG); other files are decoded and stored as PNG.
+    shrinks them (shorter side above ``resize``: then re-encoded as JPEG); other files are decoded and
+    stored as PNG.
     """
     try:
         if rec.pixels is not None:
@@ -95,6 +96,8 @@ def encode_record(rec: Record, resize: Optional[int], jpeg_quality: int) -> tupl
     except Exception as exc:  # PIL raises many types for corrupt files
         return None, f"{type(exc).__name__}: {exc}"
     orig_size = list(img.size)
+    if resize is not None and min(img.size) <= resize:
+        resize = None  # only ever downscale: a small image keeps its pixels (and a JPEG its bytes)
     if fmt == "JPEG" and resize is None:
         ext, data = "jpg", raw
     else:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import webdataset as wds
@@ -29,6 +30,7 @@ __all__ = [
     "ShardFormatError",
     "INDEX_FORMAT",
     "PARTS_FORMAT",
+    "select_ordinals",
     "write_shards",
     "write_tar",
     "iter_raw_samples",
@@ -107,17 +109,45 @@ def read_index(shard_dir: Union[str, Path], fmt: str = INDEX_FORMAT) -> dict:
     return index
 
 
-def shard_paths(shard_dir: Union[str, Path], split: str, fmt: str = INDEX_FORMAT) -> list[str]:
-    """The shard files of ``split``, in index order; each must exist."""
+SHARD_NAME = re.compile(r"^(train|val)-[0-9]{6}\.tar$")
+
+
+def shard_paths(shard_dir: Union[str, Path], split: str, fmt: str = INDEX_FORMAT, url: Optional[str] = None) -> list[str]:
+    """The shard files of ``split``, in index order; each must exist.
+
+    ``url``: read the shards from a WebDataset URL template instead of ``shard_dir`` (which then only
+    needs ``index.json``): ``{path}`` is replaced by ``<split>/<file>``, e.g.
+    ``pipe:aws s3 cp s3://bucket/part_shards/{path} -`` or ``https://host/part_shards/{path}``.
+    Shard names from ``index.json`` must look like ``train-000000.tar`` (nothing read from data reaches
+    a path or a shell unchecked)."""
     shard_dir = Path(shard_dir)
     index = read_index(shard_dir, fmt)
     if split not in index["splits"]:
         raise ShardFormatError(f"{shard_dir}/index.json has no split {split!r} (has {sorted(index['splits'])})")
-    paths = [shard_dir / split / s["file"] for s in index["splits"][split]["shards"]]
+    names = [s.get("file") if isinstance(s, dict) else None for s in index["splits"][split]["shards"]]
+    for name in names:
+        if not isinstance(name, str) or not SHARD_NAME.match(name) or not name.startswith(split):
+            raise ShardFormatError(
+                f"{shard_dir}/index.json: shard name {name!r} in split {split!r} is not of the form "
+                f"{split}-NNNNNN.tar; the index is corrupt or not written by this pipeline (rerun its stage)"
+            )
+    if url is not None:
+        if "{path}" not in url:
+            raise ShardFormatError(f"shard URL template {url!r} has no '{{path}}' placeholder (e.g. https://host/dir/{{path}})")
+        return [url.replace("{path}", f"{split}/{name}") for name in names]
+    paths = [shard_dir / split / name for name in names]
     for p in paths:
         if not p.is_file():
             raise ShardFormatError(f"shard {p} listed in {shard_dir}/index.json is missing")
     return [str(p) for p in paths]
+
+
+def select_ordinals(total: int, limit: Optional[int], seed: int, split: str) -> Optional[set[int]]:
+    """Seeded subset of sample ordinals (position in shard order) of a split; None = all."""
+    if limit is None or limit >= total:
+        return None
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split]])
+    return set(rng.choice(total, size=limit, replace=False).tolist())
 
 
 def decode_image(data: bytes, mode: str = "RGB") -> Image.Image:

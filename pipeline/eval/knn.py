@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from pipeline.data.images import normalize
-
-__all__ = ["knn_accuracy", "encode_cls"]
+__all__ = ["knn_accuracy"]
 
 
 @torch.no_grad()
@@ -28,15 +25,3 @@ def knn_accuracy(
         votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
         correct += int((votes.argmax(1) == val_labels[start : start + chunk]).sum())
     return correct / val_features.shape[0]
-
-
-@torch.no_grad()
-def encode_cls(vit: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, desc: str = "") -> torch.Tensor:
-    """CLS token after the final norm (timm ``forward_features``) of ``uint8 [N, 3, S, S]`` images."""
-    vit.eval().to(device)
-    out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc or "encode", unit="batch", mininterval=1.0):
-        x = normalize(images[start : start + batch_size].to(device).float() / 255)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(vit.forward_features(x)[:, 0].float().cpu())
-    return torch.cat(out)

@@ -17,13 +17,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config.linprobe import LinprobeConfig
-from pipeline.data.images import normalize
 from pipeline.eval.knn import knn_accuracy
 from pipeline.eval.lars import LARS
 from pipeline.schedule import warmup_cosine
 from pipeline.teacher.augment import random_resized_crop
 
-__all__ = ["probe_head", "train_probe", "evaluate_head", "topk_accuracy", "probe_features", "Encoder"]
+__all__ = ["probe_head", "train_probe", "evaluate_head", "topk_accuracy", "probe_features", "probe_cached", "Encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -115,22 +114,15 @@ def evaluate_head(head: nn.Sequential, features: torch.Tensor, labels: torch.Ten
     return out
 
 
-def vit_encoder(vit: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 images -> CLS token after the final norm of a frozen timm ViT (bf16 autocast on CUDA)."""
-    vit.eval().to(device)
-
-    @torch.no_grad()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images.to(device).float() / 255)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return vit.forward_features(x)[:, 0].float()
-
-    return encode
-
-
-def pixel_encoder(images: torch.Tensor) -> torch.Tensor:
-    """The raw-pixels reference: normalised pixels, flattened."""
-    return normalize(images.float() / 255).flatten(1)
+def probe_cached(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                 num_classes: int, cfg: LinprobeConfig, device: torch.device,
+                 log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe",
+                 ) -> tuple[dict, nn.Sequential]:  # fmt: skip
+    """Linear probe + k-NN on features computed once (``mode: cached``)."""
+    head = train_probe(train_f, train_y, num_classes, cfg, device, None, log_row, desc)
+    metrics = evaluate_head(head, val_f, val_y, device)
+    metrics["knn_top1"] = knn_accuracy(train_f.cpu(), train_y, val_f.cpu(), val_y, k=cfg.knn_k)
+    return metrics, head
 
 
 def probe_features(
@@ -138,14 +130,13 @@ def probe_features(
     val: tuple[torch.Tensor, torch.Tensor], num_classes: int, cfg: LinprobeConfig, device: torch.device,
     log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe",
 ) -> tuple[dict, nn.Sequential]:  # fmt: skip
-    """Linear probe + k-NN of ``encode`` on (images, labels) splits; returns metrics and the head."""
+    """Linear probe + k-NN of ``encode`` on in-memory (images, labels) splits; returns metrics and the head."""
     val_f = encode_all(encode, val[0], cfg.eval_batch_size, f"{desc}: encode val")
     if cfg.mode == "cached":
         train_f = encode_all(encode, train[0], cfg.eval_batch_size, f"{desc}: encode train")
-        head = train_probe(train_f, train[1], num_classes, cfg, device, None, log_row, desc)
-    else:
-        head = train_probe(train[0], train[1], num_classes, cfg, device, encode, log_row, desc)
-        train_f = encode_all(encode, train[0], cfg.eval_batch_size, f"{desc}: encode train (k-NN)")
+        return probe_cached(train_f, train[1], val_f, val[1], num_classes, cfg, device, log_row, desc)
+    head = train_probe(train[0], train[1], num_classes, cfg, device, encode, log_row, desc)
+    train_f = encode_all(encode, train[0], cfg.eval_batch_size, f"{desc}: encode train (k-NN)")
     metrics = evaluate_head(head, val_f, val[1], device)
     metrics["knn_top1"] = knn_accuracy(train_f.cpu(), train[1], val_f.cpu(), val[1], k=cfg.knn_k)
     return metrics, head

@@ -11,12 +11,14 @@ from typing import Callable, Optional
 
 import torch
 
+from pipeline import distributed as D
 from pipeline.config.base import resolved_config
 from pipeline.config.linprobe import LinprobeConfig
 from pipeline.data.images import load_split
 from pipeline.data.shards import read_index
 from pipeline.errors import PipelineError
-from pipeline.eval.linprobe import pixel_encoder, probe_features, vit_encoder
+from pipeline.eval.encode import encode_splits, pixel_encoder, vit_encoder
+from pipeline.eval.linprobe import probe_cached, probe_features
 from pipeline.io import atomic_output_dir
 from pipeline.models.checkpoint import build_vit, load_backbone
 
@@ -45,15 +47,38 @@ def load_encoder(pretrain_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     return load_backbone(vit, pretrain_dir / "encoder.pth"), meta
 
 
-def _splits(prepared: Path, img_size: int):
-    index = read_index(prepared)
-    classes = len(index["classes"])
+def _classes(prepared: Path, labels: dict[str, torch.Tensor]) -> int:
+    classes = len(read_index(prepared)["classes"])
+    every = torch.cat(list(labels.values()))
+    if len(every) and (int(every.max()) >= classes or int(every.min()) < 0):
+        raise ProbeError(f"{prepared}: labels outside [0, {classes}) for the {classes} classes of index.json")
+    return classes
+
+
+def _probe(cfg: LinprobeConfig, prepared: Path, img_size: int, encoders: dict, device: torch.device,
+           log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe") -> tuple[dict, dict]:  # fmt: skip
+    """``{encoder name: (metrics, head)}``. Cached mode streams the splits once through every encoder
+    (images never all in memory); online mode holds both splits in memory (small datasets)."""
+    results = {}
+    if cfg.mode == "cached":
+        feats, labels = encode_splits(prepared, img_size, encoders, cfg.eval_batch_size, desc=f"{desc}: encode")
+        if not D.is_main():  # under torchrun the ranks share the encoding; rank 0 trains the (cheap) heads
+            return {}, {}
+        classes = _classes(prepared, labels)
+        for name, f in feats.items():
+            results[name] = probe_cached(f["train"], labels["train"], f["val"], labels["val"], classes, cfg, device,
+                                         log_row, desc=f"{desc} {name}".strip())  # fmt: skip
+        return results, {"num_classes": classes}
+    if D.world_size() > 1:
+        raise ProbeError("linprobe mode: online runs in one process (it holds the splits in memory): run it without "
+                         "torchrun, or use mode: cached")  # fmt: skip
     train = load_split(prepared, "train", img_size, desc="load train")
     val = load_split(prepared, "val", img_size, desc="load val")
-    labels = torch.cat([train[1], val[1]])
-    if int(labels.max()) >= classes or int(labels.min()) < 0:
-        raise ProbeError(f"{prepared}: labels outside [0, {classes}) for the {classes} classes of index.json")
-    return (train[0], train[1]), (val[0], val[1]), classes
+    classes = _classes(prepared, {"train": train[1], "val": val[1]})
+    for name, encode in encoders.items():
+        results[name] = probe_features(encode, train[:2], val[:2], classes, cfg, device, log_row,
+                                       desc=f"{desc} {name}".strip())  # fmt: skip
+    return results, {"num_classes": classes}
 
 
 def _save_head(head: torch.nn.Module, path: Path) -> None:
@@ -66,9 +91,13 @@ def probe_pretrained(cfg: LinprobeConfig, prepared: str | Path, pretrain_dir: st
                      device: torch.device, log_row: Optional[Callable[[int, dict], None]] = None) -> dict:  # fmt: skip
     """Linear probe + k-NN of one pretrained encoder; writes ``head.pth`` + ``config.json`` into ``out_dir``."""
     vit, meta = load_encoder(pretrain_dir)
-    train, val, classes = _splits(Path(prepared), meta["img_size"])
-    metrics, head = probe_features(vit_encoder(vit, device), train, val, classes, cfg, device, log_row,
-                                   desc=f"linprobe {meta.get('masking', '')}")  # fmt: skip
+    D.init_distributed()
+    results, info = _probe(cfg, Path(prepared), meta["img_size"], {"": vit_encoder(vit, device)}, device, log_row,
+                           desc=f"linprobe {meta.get('masking', '')}")  # fmt: skip
+    if not D.is_main():
+        return {}
+    metrics, head = results[""]
+    classes = info["num_classes"]
     with atomic_output_dir(out_dir) as tmp:
         _save_head(head, tmp / "head.pth")
         (tmp / "config.json").write_bytes(resolved_config(cfg, "linprobe"))
@@ -81,9 +110,10 @@ def probe_references(cfg: LinprobeConfig, prepared: str | Path, shape: dict, dev
     from pipeline.config.pretrain import PretrainConfig
     from pipeline.mae.train import build_mae
 
-    train, val, classes = _splits(Path(prepared), shape["img_size"])
-    pixels, _ = probe_features(pixel_encoder, train, val, classes, cfg, device, desc="linprobe raw pixels")
     encoder = build_mae(PretrainConfig(**{k: shape[k] for k in SHAPE_KEYS}, seed=cfg.seed)).encoder
-    random, _ = probe_features(vit_encoder(encoder, device), train, val, classes, cfg, device,
-                               desc="linprobe random encoder")  # fmt: skip
-    return {"raw_pixels": pixels, "random_encoder": random, "num_classes": classes}
+    encoders = {"raw pixels": pixel_encoder(cfg.pixel_size), "random encoder": vit_encoder(encoder, device)}
+    D.init_distributed()
+    results, info = _probe(cfg, Path(prepared), shape["img_size"], encoders, device)
+    if not D.is_main():
+        return {}
+    return {"raw_pixels": results["raw pixels"][0], "random_encoder": results["random encoder"][0], **info}

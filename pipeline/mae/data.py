@@ -1,11 +1,11 @@
 """The pretraining loader: ``export_parts`` shards -> augmented images with their part maps.
 
-Each epoch builds fresh streams whose randomness depends only on ``(seed, epoch, rank, worker)``,
-so an epoch's batches are the same whether or not the run was interrupted before it (the basis of
-bit-exact resume). Per epoch: the shard list is shuffled with an epoch seed (identically on every
-rank), split with webdataset's ``split_by_node`` and ``split_by_worker``; each stream cycles over its
-shards (reshuffled per pass) through a seeded shuffle buffer and yields a fixed number of batches,
-so every rank takes the same number of steps however the shards divide.
+Each epoch builds fresh streams whose randomness depends only on ``(seed, epoch, stream)``, so an
+epoch's batches are the same whether or not the run was interrupted before it (the basis of
+bit-exact resume). The data is a fixed number of streams (``pretrain.loader_streams``), each over its
+own slice of the epoch-shuffled shard list; every step's global batch takes the same number of
+samples from each stream, and the ranks and their workers only divide the streams among them, so a
+fixed stream count gives the same batches, crops and masks on 1 GPU or 64 (see PartShardStream).
 
 Augmentation is MAE's RandomResizedCrop + horizontal flip, applied *jointly*: the part map (which
 covers the image's centred square, as ``export_parts`` computed it) is sampled at the centres of the
@@ -19,7 +19,6 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -31,7 +30,7 @@ from pipeline.data.shards import (
     iter_raw_samples,
 )
 
-__all__ = ["Crop", "sample_crop", "joint_crop", "PartShardStream", "make_loader", "decode_part_sample", "fixed_images"]
+__all__ = ["Crop", "sample_crop", "joint_crop", "PartShardStream", "PartShardLoader", "make_loader", "stream_count", "decode_part_sample", "fixed_images"]
 
 Crop = tuple[float, float, float, float]  # top, left, height, width inside the centred square, pixels
 
@@ -90,19 +89,29 @@ def decode_part_sample(raw: dict, num_parts: int) -> tuple[Image.Image, np.ndarr
 
 
 class PartShardStream(IterableDataset):
-    """One epoch of augmented batches ``(images uint8 [B, 3, S, S], parts uint8 [B, G, G], labels [B])``.
+    """One epoch of one rank's data as items ``(images uint8 [b, 3, S, S], parts uint8 [b, G, G],
+    labels [b], noise float32 [b, noise_dim])``, each item ``b = stream_batch`` samples of one stream.
 
-    Every (rank, worker) stream yields its share of ``batches`` micro-batches of ``batch_size``.
+    The data is ``num_streams`` independent streams (a fixed number, not tied to ranks or workers):
+    stream ``s`` reads the epoch-shuffled shards ``s, s + num_streams, ...`` with its own generator
+    seeded by ``(seed, epoch, s)``, which also draws each sample's crop, flip and masking noise. Per
+    step the global batch is one item of every stream, so it is the same set of samples with the same
+    augmentation and masks whatever the number of ranks, workers or accumulation steps. This rank
+    serves the streams ``rank, rank + world, ...``; its workers share them round-robin, and the
+    DataLoader's in-order round-robin over workers hands them back in stream order.
     """
 
-    def __init__(self, shards: Sequence[str], num_parts: int, img_size: int, grid: int, batch_size: int,
-                 batches: int, epoch: int, seed: int, scale: Sequence[float], ratio: Sequence[float],
-                 hflip: float, shuffle_buffer: int) -> None:  # fmt: skip
+    def __init__(self, shards: Sequence[str], num_parts: int, img_size: int, grid: int, stream_batch: int,
+                 items: int, epoch: int, seed: int, streams: Sequence[int], num_streams: int,
+                 scale: Sequence[float], ratio: Sequence[float], hflip: float, shuffle_buffer: int,
+                 noise_dim: int) -> None:  # fmt: skip
         self.shards, self.num_parts, self.img_size, self.grid = list(shards), num_parts, img_size, grid
-        self.batch_size, self.batches, self.epoch, self.seed = batch_size, batches, epoch, seed
+        self.stream_batch, self.items, self.epoch, self.seed = stream_batch, items, epoch, seed
+        self.streams, self.num_streams = list(streams), num_streams
         self.scale, self.ratio, self.hflip, self.shuffle_buffer = scale, ratio, hflip, shuffle_buffer
+        self.noise_dim = noise_dim
 
-    def _stream(self, shards: list[str], rng: np.random.Generator) -> Iterator[dict]:
+    def _samples(self, shards: list[str], rng: np.random.Generator) -> Iterator[dict]:
         buffer: list[dict] = []
         while True:  # cycle over this stream's shards, reshuffled per pass
             for i in rng.permutation(len(shards)):
@@ -117,42 +126,86 @@ class PartShardStream(IterableDataset):
             yield from buffer
             buffer = []
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-        mine = list(wds.split_by_worker(wds.split_by_node([self.shards[i] for i in order])))
-        quota = self.batches // workers + (worker < self.batches % workers)
-        rng = np.random.default_rng([self.seed, self.epoch, D.rank(), worker])
-        stream = self._stream(mine, rng)
-        for _ in range(quota):
-            images, parts, labels = [], [], []
-            for raw in (next(stream) for _ in range(self.batch_size)):
+    def _batches(self, stream: int, order: np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
+        rng = np.random.default_rng([self.seed, self.epoch, stream])
+        samples = self._samples([self.shards[i] for i in order[stream :: self.num_streams]], rng)
+        while True:
+            images, parts, labels, noise = [], [], [], []
+            for raw in (next(samples) for _ in range(self.stream_batch)):
                 img, ids, label, _ = decode_part_sample(raw, self.num_parts)
-                side = min(img.size)
-                crop = sample_crop(side, self.scale, self.ratio, rng)
+                crop = sample_crop(min(img.size), self.scale, self.ratio, rng)
                 x, p = joint_crop(img, ids, self.img_size, self.grid, crop, bool(rng.random() < self.hflip))
                 images.append(x)
                 parts.append(p)
                 labels.append(label)
-            yield torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(parts)), torch.tensor(labels)
+                noise.append(rng.random(self.noise_dim, dtype=np.float32))
+            yield (torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(parts)), torch.tensor(labels),
+                   torch.from_numpy(np.stack(noise)))  # fmt: skip
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        mine = [self._batches(s, order) for s in self.streams[worker::workers]]
+        for _ in range(self.items):
+            for batches in mine:
+                yield next(batches)
+
+
+def stream_count(num_streams: Optional[int], num_workers: int) -> int:
+    """The loader's stream count: ``num_streams``, or ``ranks x max(1, workers)`` when None."""
+    return num_streams or D.world_size() * max(1, num_workers)
+
+
+class PartShardLoader:
+    """One epoch of a rank's micro-batches ``(images, parts, labels, noise)``: ``batches`` of ``batch_size``
+    (rank-local) samples, each the concatenation of one item from each of the rank's streams."""
+
+    def __init__(self, dataset: PartShardStream, per_batch: int, batches: int, num_workers: int) -> None:
+        self.per_batch, self.batches = per_batch, batches
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                                 pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None)  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        items = iter(self.loader)
+        for _ in range(self.batches):
+            group = [next(items) for _ in range(self.per_batch)]
+            yield tuple(torch.cat(parts) if len(group) > 1 else parts[0] for parts in zip(*group))
 
 
 def make_loader(shards: Sequence[str], num_parts: int, img_size: int, grid: int, batch_size: int, batches: int,
                 epoch: int, seed: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
-                shuffle_buffer: int, num_workers: int) -> DataLoader:  # fmt: skip
-    """A DataLoader over one epoch of :class:`PartShardStream`; fails when shards < ranks x workers."""
-    streams = D.world_size() * max(1, num_workers)
+                shuffle_buffer: int, num_workers: int, num_streams: Optional[int] = None,
+                noise_dim: int = 1) -> PartShardLoader:  # fmt: skip
+    """This rank's ``batches`` micro-batches of ``batch_size`` samples for ``epoch`` (see
+    :class:`PartShardStream`). Fails, naming the keys to change, when the shards, streams, ranks,
+    workers and batch do not divide."""
+    world = D.world_size()
+    streams = stream_count(num_streams, num_workers)
+    workers = max(1, num_workers)
+    if streams % world or (streams // world) % workers:
+        raise ShardFormatError(
+            f"pretrain loader_streams={streams} must be a multiple of {world} rank(s) x {workers} loader worker(s) "
+            f"per rank: set pretrain loader_streams to a multiple of {world * workers} (or null), or change num_workers"
+        )
+    per_rank = streams // world
+    if batch_size % per_rank:
+        raise ShardFormatError(
+            f"the micro-batch of {batch_size} images per rank cannot be split over its {per_rank} loader streams: "
+            f"make pretrain batch_size / (ranks x accum_steps) a multiple of loader_streams / ranks"
+        )
     if len(shards) < streams:
         raise ShardFormatError(
-            f"{len(shards)} train shards cannot feed {D.world_size()} rank(s) x {max(1, num_workers)} loader "
-            f"worker(s): every stream needs at least one shard. Lower pretrain num_workers, or re-shard with a "
-            "smaller prepare.shard_size."
+            f"{len(shards)} train shards cannot feed {streams} loader streams ({world} rank(s) x {workers} "
+            f"worker(s) or pretrain loader_streams): every stream needs at least one shard. Lower loader_streams "
+            "or num_workers, or re-shard with a smaller prepare.shard_size."
         )
-    ds = PartShardStream(shards, num_parts, img_size, grid, batch_size, batches, epoch, seed, scale, ratio, hflip,
-                         shuffle_buffer)  # fmt: skip
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None)  # fmt: skip
+    ds = PartShardStream(shards, num_parts, img_size, grid, batch_size // per_rank, batches, epoch, seed,
+                         range(D.rank(), streams, world), streams, scale, ratio, hflip, shuffle_buffer, noise_dim)  # fmt: skip
+    return PartShardLoader(ds, per_rank, batches, num_workers)
 
 
 def fixed_images(shards: Sequence[str], n: int, num_parts: int, img_size: int, grid: int

@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple, Optional
 
 import torch
 
-__all__ = ["Masking", "len_keep", "random_masking", "semantic_masking", "masks_per_part", "curriculum_alpha"]
+__all__ = ["Masking", "len_keep", "noise_size", "random_masking", "semantic_masking", "masks_per_part", "curriculum_alpha"]
 
 
 class Masking(NamedTuple):
@@ -51,21 +51,32 @@ def _from_order(ids_shuffle: torch.Tensor, keep: int) -> Masking:
     return Masking(ids_shuffle, ids_restore, torch.gather(mask, 1, ids_restore), keep)
 
 
+def noise_size(num_patches: int, num_parts: int) -> int:
+    """Uniform numbers per image that :func:`semantic_masking` consumes (random masking: the first L)."""
+    return num_parts + 2 * num_patches
+
+
 def random_masking(batch: int, num_patches: int, mask_ratio: float, generator: Optional[torch.Generator] = None,
-                   device: torch.device | str = "cpu") -> Masking:  # fmt: skip
-    """MAE's per-sample random masking (a uniformly random subset of ``L - len_keep`` patches)."""
-    noise = torch.rand(batch, num_patches, generator=generator, device=device)
+                   device: torch.device | str = "cpu", noise: Optional[torch.Tensor] = None) -> Masking:  # fmt: skip
+    """MAE's per-sample random masking (a uniformly random subset of ``L - len_keep`` patches).
+
+    ``noise [B, >= L]`` (uniform in [0, 1), e.g. drawn by the loader) replaces the draw from ``generator``."""
+    noise = torch.rand(batch, num_patches, generator=generator, device=device) if noise is None else noise[:, :num_patches]
     return _from_order(torch.argsort(noise, dim=1), len_keep(num_patches, mask_ratio))
 
 
 def masks_per_part(part_ids: torch.Tensor, num_parts: int, mask_ratio: float, alpha: float | torch.Tensor,
-                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(m [B, K], counts [B, K])``: how many patches of each part to mask, and the part sizes ``a_k``."""
+                   generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(m [B, K], counts [B, K])``: how many patches of each part to mask, and the part sizes ``a_k``
+    (``noise [B, K]``, uniform, orders the parts for m2; drawn from ``generator`` when not given)."""
     b, length = part_ids.shape
     counts = torch.zeros(b, num_parts, dtype=torch.float32, device=part_ids.device)
     counts.scatter_add_(1, part_ids, torch.ones(part_ids.shape, dtype=torch.float32, device=part_ids.device))
     m1 = torch.round(mask_ratio * counts)
-    order = torch.argsort(torch.rand(b, num_parts, generator=generator, device=part_ids.device), dim=1)
+    if noise is None:
+        noise = torch.rand(b, num_parts, generator=generator, device=part_ids.device)
+    order = torch.argsort(noise, dim=1)
     ordered = torch.gather(counts, 1, order)
     before = torch.cumsum(ordered, 1) - ordered  # patches of the parts earlier in the random order
     m2_ordered = torch.minimum(ordered, (length * mask_ratio - before).clamp(min=0))
@@ -74,22 +85,29 @@ def masks_per_part(part_ids: torch.Tensor, num_parts: int, mask_ratio: float, al
 
 
 def semantic_masking(part_ids: torch.Tensor, mask_ratio: float, alpha: float | torch.Tensor, num_parts: int,
-                     generator: Optional[torch.Generator] = None) -> Masking:  # fmt: skip
-    """SemMAE's masking of ``part_ids [B, L]`` (int, values in ``[0, num_parts)``) at curriculum ``alpha``."""
+                     generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> Masking:  # fmt: skip
+    """SemMAE's masking of ``part_ids [B, L]`` (int, values in ``[0, num_parts)``) at curriculum ``alpha``.
+
+    Its randomness is ``noise [B, K + 2L]`` (uniform in [0, 1), see :func:`noise_size`) when given —
+    the loader draws it per sample, so a sample's mask does not depend on how the batch is split
+    over ranks — else it is drawn from ``generator``."""
     part_ids = part_ids.long()
     b, length = part_ids.shape
     device = part_ids.device
-    m, counts = masks_per_part(part_ids, num_parts, mask_ratio, alpha, generator)
+    if noise is None:
+        noise = torch.rand(b, noise_size(length, num_parts), generator=generator, device=device)
+    m, counts = masks_per_part(part_ids, num_parts, mask_ratio, alpha, noise=noise[:, :num_parts])
     # A uniformly random subset of m_k patches per part: sort by (part, noise); a patch is flagged when
-    # its rank inside its part is below m_k.
-    noise = torch.rand(b, length, generator=generator, device=device)
-    by_part = torch.argsort(part_ids + noise, dim=1)  # noise < 1 keeps parts contiguous
+    # its rank inside its part is below m_k. The key is an integer (part * 2^24 + 24 bits of noise):
+    # a float key part + noise can round up to the next part's id and break the parts' contiguity.
+    subset = noise[:, num_parts : num_parts + length]
+    by_part = torch.argsort(part_ids * (1 << 24) + (subset * (1 << 24)).long(), dim=1)
     sorted_parts = torch.gather(part_ids, 1, by_part)
     starts = torch.cumsum(counts, 1) - counts  # first sorted position of each part
     rank = torch.arange(length, device=device).expand(b, length) - torch.gather(starts, 1, sorted_parts)
     flagged = (rank < torch.gather(m, 1, sorted_parts)).float()
     # Exactly len_keep visible: unflagged patches first (random order), then flagged ones (random order).
-    score = flagged + torch.rand(b, length, generator=generator, device=device)
+    score = flagged + noise[:, num_parts + length :]  # flagged + [0, 1): ties within a group only
     ids_shuffle = torch.gather(by_part, 1, torch.argsort(score, dim=1))
     return _from_order(ids_shuffle, len_keep(length, mask_ratio))
 

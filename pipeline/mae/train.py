@@ -32,6 +32,7 @@ from pipeline.mae.masking import (
     Masking,
     curriculum_alpha,
     random_masking,
+    noise_size,
     semantic_masking,
 )
 from pipeline.mae.model import MaskedAutoencoder
@@ -72,12 +73,13 @@ def alpha_at(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def make_masking(cfg: PretrainConfig, parts: torch.Tensor, alpha: float, num_parts: int,
-                 generator: Optional[torch.Generator]) -> Masking:  # fmt: skip
-    """The masking of a batch with part maps ``parts [B, G, G]`` (ignored by random masking)."""
+                 generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> Masking:  # fmt: skip
+    """The masking of a batch with part maps ``parts [B, G, G]`` (ignored by random masking); its
+    randomness is the loader's per-sample ``noise`` when given, else drawn from ``generator``."""
     ids = parts.flatten(1).long()
     if cfg.masking == "random":
-        return random_masking(ids.shape[0], ids.shape[1], cfg.mask_ratio, generator, ids.device)
-    return semantic_masking(ids, cfg.mask_ratio, alpha, num_parts, generator)
+        return random_masking(ids.shape[0], ids.shape[1], cfg.mask_ratio, generator, ids.device, noise=noise)
+    return semantic_masking(ids, cfg.mask_ratio, alpha, num_parts, generator, noise=noise)
 
 
 def seeded_generator(device: torch.device, *seeds: int) -> torch.Generator:
@@ -112,7 +114,7 @@ def pretrain(
     part_shards = Path(part_shards)
     index = _check_shards(cfg, part_shards)
     num_parts = int(index["num_parts"])
-    shards = shard_paths(part_shards, "train", PARTS_FORMAT)
+    shards = shard_paths(part_shards, "train", PARTS_FORMAT, url=cfg.shards_url)
     n_train = index["splits"]["train"]["num_samples"]
     D.init_distributed()
     device = D.device_for_rank()
@@ -138,15 +140,18 @@ def pretrain(
     start_epoch = 0
     state = store.load()  # every rank reads the same file (a shared filesystem under multi-node DDP)
     if state is not None:
-        if state.get("world_size") != world:
-            log.warning("resuming a run saved with %s rank(s) on %s: the data order from here on differs from "
-                        "an unbroken run's", state.get("world_size"), world)  # fmt: skip
+        if cfg.loader_streams is None and state.get("world_size") != world:
+            log.warning("resuming a run saved with %s rank(s) on %s: with loader_streams null the data order from "
+                        "here on differs from an unbroken run's", state.get("world_size"), world)  # fmt: skip
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
         if curve_rows is not None:
             curve_rows[:] = state.get("curves", [])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg.compile:
+        ddp = torch.compile(ddp)
+    noise_dim = noise_size(cfg.grid * cfg.grid, num_parts)
 
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"pretrain {cfg.masking}", unit="step",
                disable=not D.is_main(), mininterval=1.0)  # fmt: skip
@@ -155,10 +160,9 @@ def pretrain(
         model.train()
         loader = make_loader(shards, num_parts, cfg.img_size, cfg.grid, micro, steps_per_epoch * cfg.accum_steps,
                              epoch, cfg.seed, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.shuffle_buffer,
-                             cfg.num_workers)  # fmt: skip
+                             cfg.num_workers, cfg.loader_streams, noise_dim)  # fmt: skip
         batches = iter(loader)
-        gen = seeded_generator(device, cfg.seed, epoch, D.rank())
-        losses = []
+        losses, rows = [], []
         for i in range(steps_per_epoch):
             step = epoch * steps_per_epoch + i
             lr, alpha = lr_at(cfg, step, steps_per_epoch), alpha_at(cfg, step, steps_per_epoch)
@@ -166,9 +170,10 @@ def pretrain(
                 g["lr"] = lr
             step_loss = torch.zeros((), device=device)
             for k in range(cfg.accum_steps):
-                images, parts, _ = next(batches)
+                images, parts, _, noise = next(batches)
                 x = normalize(images.to(device, non_blocking=True).float() / 255)
-                masking = make_masking(cfg, parts.to(device, non_blocking=True), alpha, num_parts, gen)
+                masking = make_masking(cfg, parts.to(device, non_blocking=True), alpha, num_parts,
+                                       noise=noise.to(device, non_blocking=True))  # fmt: skip
                 sync = k == cfg.accum_steps - 1 or world == 1
                 ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
                 with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -181,9 +186,13 @@ def pretrain(
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
             bar.update()
-            if log_row is not None and D.is_main() and (step + 1) % cfg.log_every == 0:
-                log_row(step + 1, {"loss": float(step_loss), "lr": lr, "alpha": alpha, "epoch": epoch + 1})
-        epoch_loss = float(torch.stack(losses).mean())
+            if (step + 1) % cfg.log_every == 0:
+                rows.append((step + 1, len(losses) - 1, lr, alpha))
+        losses_host = D.mean_over_ranks(torch.stack(losses)).cpu()  # the epoch's one host sync: none in the steps
+        epoch_loss = float(losses_host.mean())
+        if log_row is not None and D.is_main():
+            for step_no, i, lr, alpha in rows:
+                log_row(step_no, {"loss": float(losses_host[i]), "lr": lr, "alpha": alpha, "epoch": epoch + 1})
         if not math.isfinite(epoch_loss):
             raise TrainingError(
                 f"pretrain loss became {epoch_loss} in epoch {epoch + 1}: lower pretrain base_lr "

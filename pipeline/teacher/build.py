@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
+from pipeline import distributed as D
 from pipeline.config.base import resolved_config
 from pipeline.config.teacher import TeacherConfig
 from pipeline.data.images import load_split
 from pipeline.data.shards import read_index
-from pipeline.eval.knn import encode_cls, knn_accuracy
+from pipeline.eval.encode import encode_splits, vit_encoder
+from pipeline.eval.knn import knn_accuracy
 from pipeline.io import atomic_output_dir, file_sha256
 from pipeline.models.checkpoint import (
     CheckpointError,
@@ -33,6 +36,7 @@ __all__ = ["build_teacher", "teacher_vit", "load_teacher"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint_teacher.pth"
+KNN_PIXEL_SIZE = 32  # the raw-pixels reference is area-resized to at most 32 x 32 (ImageNet: 3,072 numbers)
 
 
 def teacher_vit(cfg: TeacherConfig):
@@ -62,36 +66,46 @@ def build_teacher(
     max_steps: Optional[int] = None,
 ) -> dict:
     """Write ``out_dir/checkpoint_teacher.pth`` (+ ``config.json``) and return the quality metrics."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or D.device_for_rank()
     read_index(prepared_dir)  # a missing shard set fails here, before anything is loaded
     if cfg.init == "checkpoint":
         load_checkpoint_file(cfg.checkpoint)  # unreadable/unsafe file fails before the images are decoded
         vit = load_backbone(teacher_vit(cfg), cfg.checkpoint)  # wrong architecture fails here too
-    train_x, train_y, _ = load_split(prepared_dir, "train", cfg.img_size)
-    val_x, val_y, _ = load_split(prepared_dir, "val", cfg.img_size)
-
+    D.init_distributed()
+    if cfg.init == "train" and D.world_size() > 1:
+        raise CheckpointError("teacher.init: train runs in one process (the images are held in memory): run the "
+                              "teacher stage without torchrun; its k-NN check of a checkpoint does use every rank")  # fmt: skip
     metrics: dict = {"init": cfg.init}
     if cfg.init == "checkpoint":
         metrics["source_sha256"] = file_sha256(cfg.checkpoint)
-    else:
+    else:  # the in-pipeline teacher trains on the train split held in memory (small datasets)
+        train_x, _, _ = load_split(prepared_dir, "train", cfg.img_size)
         torch.manual_seed(cfg.train.seed)
         vit, stats = train_ibot(teacher_vit(cfg), train_x, cfg.train, device, log_step, max_steps)
         metrics["train"] = stats
+        del train_x
 
-    k = cfg.knn_k
-    feats = lambda model, x, name: encode_cls(model, x, cfg.eval_batch_size, device, desc=f"k-NN {name}")  # noqa: E731
-    metrics["knn_teacher"] = knn_accuracy(feats(vit, train_x, "teacher/train"), train_y, feats(vit, val_x, "teacher/val"), val_y, k)
     torch.manual_seed(cfg.train.seed + 12345)
     rand = teacher_vit(cfg)
-    metrics["knn_random_vit"] = knn_accuracy(feats(rand, train_x, "random/train"), train_y, feats(rand, val_x, "random/val"), val_y, k)
-    metrics["knn_raw_pixels"] = knn_accuracy(train_x.flatten(1).float(), train_y, val_x.flatten(1).float(), val_y, k)
+    pixels = min(cfg.img_size, KNN_PIXEL_SIZE)
+    encoders = {"teacher": vit_encoder(vit, device), "random_vit": vit_encoder(rand, device),
+                "raw_pixels": lambda x: F.interpolate(x.float(), size=(pixels, pixels), mode="area").flatten(1)}  # fmt: skip
+    feats, labels = encode_splits(prepared_dir, cfg.img_size, encoders, cfg.eval_batch_size, desc="k-NN",
+                                  limit=cfg.knn_limit, seed=cfg.train.seed)  # fmt: skip
+    if not D.is_main():  # the ranks shared the encoding; rank 0 writes
+        D.cleanup()
+        return {}
+    for name, f in feats.items():
+        metrics[f"knn_{name}"] = knn_accuracy(f["train"], labels["train"], f["val"], labels["val"], cfg.knn_k)
+    metrics["knn_images"] = {split: len(y) for split, y in labels.items()}
     metrics["knn_margin_over_random"] = metrics["knn_teacher"] - metrics["knn_random_vit"]
     log.info(
         "k-NN top-1 (k=%d): teacher %.4f, random ViT %.4f, raw pixels %.4f",
-        k, metrics["knn_teacher"], metrics["knn_random_vit"], metrics["knn_raw_pixels"],
+        cfg.knn_k, metrics["knn_teacher"], metrics["knn_random_vit"], metrics["knn_raw_pixels"],
     )  # fmt: skip
     with atomic_output_dir(out_dir) as tmp:
         save_backbone(vit, tmp / CHECKPOINT_NAME, dtype=getattr(torch, cfg.save_dtype))
         (tmp / "config.json").write_bytes(resolved_config(cfg, "teacher"))
     metrics["checkpoint_sha256"] = file_sha256(Path(out_dir) / CHECKPOINT_NAME)
+    D.cleanup()
     return metrics

@@ -1,0 +1,145 @@
+"""Whole-file checks of ``params.yaml``: every section's config, and the values that must agree *across*
+stages (the MAE grid and the part-map grid, batch sizes and the data, loader streams and shards...).
+
+Each stage reads only its own section, so without this a mismatch between, say, ``export_parts.grid``
+and ``pretrain.common.patch_size`` would surface when ``pretrain`` starts, an hour into ``dvc repro``.
+Every ``semmae`` stage runs :func:`check_params` on its parameter file before it computes anything
+(and ``semmae check`` runs it alone), so the first stage of the DAG fails instead.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pipeline.config.base import ConfigError, load_stage_config
+from pipeline.config.extract import ExtractConfig
+from pipeline.config.linprobe import LinprobeConfig
+from pipeline.config.parts import ExportPartsConfig, PartsConfig
+from pipeline.config.prepare import PrepareConfig
+from pipeline.config.pretrain import PretrainConfig, load_pretrain_config
+from pipeline.config.teacher import TeacherConfig
+
+__all__ = ["check_params", "ParamsReport", "FASHION_MNIST_TRAIN"]
+
+FASHION_MNIST_TRAIN = 60_000
+SECTIONS = {"prepare": PrepareConfig, "teacher": TeacherConfig, "extract": ExtractConfig, "parts": PartsConfig,
+            "export_parts": ExportPartsConfig, "linprobe": LinprobeConfig}  # fmt: skip
+
+
+class ParamsReport:
+    """The loaded configs of a parameter file, and what :func:`check_params` found (errors, warnings)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.configs: dict[str, Any] = {}
+        self.runs: dict[str, PretrainConfig] = {}
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, msg: str) -> None:
+        self.errors.append(f"{self.path}: {msg}")
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(f"{self.path}: {msg}")
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            raise ConfigError("\n".join(self.errors))
+
+
+def _train_images(prep: Optional[PrepareConfig]) -> Optional[int]:
+    """Train images the prepare section will produce, when knowable from the parameters alone."""
+    if prep is None:
+        return None
+    if prep.source == "fashion_mnist":
+        return min(prep.train_limit or FASHION_MNIST_TRAIN, FASHION_MNIST_TRAIN)
+    return prep.train_limit
+
+
+def check_params(params_path: str | Path) -> ParamsReport:
+    """Validate every section present in ``params_path`` and the cross-stage constraints between them.
+
+    Sections that are absent are skipped (a stage's defaults apply to it alone). Returns the report;
+    ``report.raise_errors()`` raises one :class:`ConfigError` listing every problem.
+    """
+    path = Path(params_path)
+    rep = ParamsReport(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not found or not a mapping of stage sections")
+    for name, model in SECTIONS.items():
+        if name in raw:
+            try:
+                rep.configs[name] = load_stage_config(model, path, name)
+            except ConfigError as exc:
+                rep.errors.append(str(exc))
+    if "pretrain" in raw:
+        try:
+            section = raw["pretrain"] or {}
+            for variant in section.get("variants") or {}:
+                for seed in section.get("seeds", [0]):
+                    rep.runs[f"{variant}-{seed}"] = load_pretrain_config(path, variant, seed)
+        except ConfigError as exc:
+            rep.errors.append(str(exc))
+    _cross_checks(rep)
+    return rep
+
+
+def _cross_checks(rep: ParamsReport) -> None:
+    c = rep.configs
+    prep, teacher, parts, export = c.get("prepare"), c.get("teacher"), c.get("parts"), c.get("export_parts")
+    extract, probe = c.get("extract"), c.get("linprobe")
+    n_train = _train_images(prep)
+    teacher_grid = teacher.img_size // teacher.patch_size if teacher is not None else None
+
+    if teacher is not None and teacher.init == "checkpoint" and not Path(teacher.checkpoint).is_file():
+        rep.error(f"'teacher.checkpoint' = {teacher.checkpoint!r} does not exist: download the official iBOT "
+                  "checkpoint there, or set teacher.init: train")  # fmt: skip
+    if teacher is not None and parts is not None:
+        if parts.method != "attention_heads" and parts.num_parts > teacher_grid**2:
+            rep.error(f"'parts.num_parts' = {parts.num_parts} exceeds the {teacher_grid}x{teacher_grid} patches of "
+                      f"the teacher (teacher.img_size / teacher.patch_size)")  # fmt: skip
+    map_grid = None
+    if export is not None:
+        map_grid = export.grid if export.grid is not None else teacher_grid
+    if map_grid is not None:
+        for run, cfg in rep.runs.items():
+            if cfg.grid != map_grid:
+                where = "export_parts.grid" if export.grid is not None else "the teacher's grid (export_parts.grid: null)"
+                rep.error(f"pretrain@{run}: the MAE grid img_size/patch_size = {cfg.img_size}/{cfg.patch_size} = "
+                          f"{cfg.grid} differs from {where} = {map_grid}: part maps must sit on the MAE's patches; "
+                          f"set export_parts.grid: {cfg.grid}")  # fmt: skip
+    for run, cfg in rep.runs.items():
+        if int(cfg.grid**2 * (1 - cfg.mask_ratio)) < 1:
+            rep.error(f"pretrain@{run}: mask_ratio={cfg.mask_ratio} leaves no visible patch of {cfg.grid**2}")
+        if n_train is not None and cfg.batch_size > n_train:
+            rep.error(f"pretrain@{run}: batch_size={cfg.batch_size} exceeds the {n_train} train images "
+                      "(prepare.train_limit)")  # fmt: skip
+        if n_train is not None and cfg.loader_streams is not None and prep is not None:
+            shards = math.ceil(n_train / prep.shard_size)
+            if cfg.loader_streams > shards:
+                rep.error(f"pretrain@{run}: loader_streams={cfg.loader_streams} exceeds the {shards} train shards "
+                          f"({n_train} images / prepare.shard_size {prep.shard_size}): lower one of them")  # fmt: skip
+        if cfg.loader_streams is not None and (cfg.batch_size // cfg.accum_steps) % cfg.loader_streams:
+            rep.error(f"pretrain@{run}: batch_size/accum_steps = {cfg.batch_size // cfg.accum_steps} is not a multiple "
+                      f"of loader_streams={cfg.loader_streams}")  # fmt: skip
+    if n_train is not None:
+        trained = teacher is not None and teacher.init == "train"
+        for key, value in (("teacher.train.batch_size", teacher.train.batch_size if trained else None),
+                           ("linprobe.batch_size", probe.batch_size if probe is not None else None)):  # fmt: skip
+            if value is not None and value > n_train:
+                rep.error(f"'{key}' = {value} exceeds the {n_train} train images (prepare.train_limit)")
+    if prep is not None and prep.resize is not None:
+        for run, cfg in rep.runs.items():
+            if prep.resize < cfg.img_size:
+                rep.warn(f"prepare.resize={prep.resize} is below pretrain@{run} img_size={cfg.img_size}: crops are upsampled")
+    if extract is not None and export is not None and extract.batch_size != export.batch_size:
+        rep.warn(f"extract.batch_size={extract.batch_size} != export_parts.batch_size={export.batch_size}: exported "
+                 "maps can differ in the last bits from maps of the stored features")  # fmt: skip
