@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,6 +218,23 @@ def test_changed_params_do_not_resume_a_stale_run(tmp_path, part_shards):
     kill_after_first_checkpoint(tmp_path, part_shards, "r", steps_per_epoch=6)
     run_stage(tmp_path, part_shards, "r", steps_per_epoch=6, base_lr=2e-3)
     assert json.loads((tmp_path / "r" / "m.json").read_text())["resumed_from_epoch"] == 0
+
+
+def test_train_shards_stream_from_a_url_template(tmp_path, part_shards):
+    """shards_url: the directory holds only index.json; the shards come through a WebDataset pipe: URL."""
+    index_only = tmp_path / "index_only"
+    index_only.mkdir()
+    shutil.copy(part_shards / "index.json", index_only / "index.json")
+    run_stage(tmp_path, index_only, "url", epochs=1, shards_url=f"pipe:cat {part_shards}/{{path}}")
+    assert json.loads((tmp_path / "url" / "m.json").read_text())["steps"] == 3
+
+
+def test_shard_names_from_the_index_never_reach_a_path_or_shell_unchecked(tmp_path, part_shards):
+    index = json.loads((part_shards / "index.json").read_text())
+    index["splits"]["train"]["shards"][0]["file"] = "x.tar; touch pwned"
+    (part_shards / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardFormatError, match=r"shard name 'x.tar; touch pwned' in split 'train' is not of the form"):
+        shard_paths(part_shards, "train", "semmae-parts/1", url="pipe:cat /tmp/{path}")
 
 
 def test_bad_shards_fail_before_training(tmp_path, part_shards):

@@ -68,8 +68,8 @@ class PretrainConfig(StageConfig):
         "the same on any number of GPUs. null = ranks x max(1, num_workers). Must divide by ranks x workers.",
     )
     shards_url: Optional[str] = Field(
-        None, min_length=1, description="Read the train shards from this WebDataset URL template ({path} = "
-        "train/<file>) instead of the part-shard directory, e.g. 'pipe:aws s3 cp s3://bucket/part_shards/{path} -'.",
+        None, min_length=1, description="Read the shards from this WebDataset URL template ({path} = "
+        "<split>/<file>) instead of the part-shard directory, e.g. 'pipe:aws s3 cp s3://bucket/part_shards/{path} -'.",
     )
     # runtime
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")

@@ -84,7 +84,7 @@ def pretrain_figures(model: MaskedAutoencoder, cfg: PretrainConfig, num_parts: i
     from pipeline.mae.train import make_masking, seeded_generator  # train imports this module's callers
 
     figures_dir = Path(figures_dir)
-    images, parts = fixed_images(shard_paths(part_shards, "val", PARTS_FORMAT), cfg.num_figure_images, num_parts,
+    images, parts = fixed_images(shard_paths(part_shards, "val", PARTS_FORMAT, url=cfg.shards_url), cfg.num_figure_images, num_parts,
                                  cfg.img_size, cfg.grid)  # fmt: skip
     device = next(model.parameters()).device
     parts_d = parts.to(device)
