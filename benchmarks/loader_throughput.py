@@ -9,11 +9,13 @@ bytes plus a 14 x 14 part map), then measures images/s of
 - ``semmae``: the pretrain loader (``pipeline.mae.data.make_loader``: tar read, PIL decode,
   RandomResizedCrop + flip of image and part map, masking noise) in-process (one core) and with
   ``--workers`` loader processes;
+- ``semmae_decode_device``: the same loader with ``decode: device``: what its workers sustain
+  (tar read, JPEG header, part-map crop, noise), and with the batch decode + crop on the device
+  (CUDA when present, else this CPU's libjpeg-turbo through torchvision);
 - ``torchvision``: ``ImageFolder`` + ``RandomResizedCrop(224, (0.2, 1), bicubic)`` + flip + ``PILToTensor``
   through a DataLoader with the same workers (the usual MAE loader);
 - ``breakdown``: where one core's time goes (tar read, JPEG decode, crop + resize, the rest);
-- ``gpu_decode``: when CUDA is present, torchvision's nvJPEG batch decode + on-device crop and resize
-  of the same bytes (the path to a GPU-fed loader).
+- ``gpu_decode``: when CUDA is present, ``decode_crop`` alone on batches of 256 of the same bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from PIL import Image
 from pipeline.data.shards import PARTS_FORMAT, iter_raw_samples, shard_paths, write_shards
 from pipeline.io import json_bytes
 from pipeline.mae.data import joint_crop, make_loader, sample_crop
+from pipeline.mae.decode import EncodedImages, decode_crop
 from pipeline.mae.masking import noise_size
 
 GRID, PARTS = 14, 6
@@ -72,16 +75,25 @@ def write_sets(jpegs: list[bytes], root: Path, shard_size: int) -> tuple[Path, P
     return folder, shards
 
 
-def semmae_rate(shards: Path, size: int, batch: int, batches: int, workers: int) -> float:
+def semmae_rate(shards: Path, size: int, batch: int, batches: int, workers: int, decode: str = "cpu",
+                device: torch.device | None = None) -> float:  # fmt: skip
+    """Images/s of the pretrain loader; ``decode="device"`` with ``device`` also decodes and crops the
+    batches there (without ``device``: the loader's CPU side alone, what the workers sustain)."""
     paths = shard_paths(shards, "train", PARTS_FORMAT)
     streams = max(1, workers)
     batch = -(-batch // streams) * streams  # a multiple of the streams
     loader = make_loader(paths, PARTS, size, GRID, batch, batches, 0, 0, (0.2, 1.0), (3 / 4, 4 / 3), 0.5, 256, workers,
-                         streams, noise_size(GRID * GRID, PARTS))  # fmt: skip
+                         streams, noise_size(GRID * GRID, PARTS), decode)  # fmt: skip
     it = iter(loader)
     next(it)  # start-up (worker processes, first shard) is not throughput
     start = time.perf_counter()
-    n = sum(len(b[0]) for b in it)
+    n = 0
+    for images, *_ in it:
+        if device is not None and isinstance(images, EncodedImages):
+            images = decode_crop(images, size, device)
+        n += len(images)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
 
 
@@ -127,28 +139,17 @@ def breakdown(shards: Path, size: int, n: int) -> dict:
 
 
 def gpu_decode_rate(jpegs: list[bytes], size: int, batch: int, device: torch.device) -> dict:
-    """nvJPEG batch decode + per-image crop/resize on the device (random boxes like RandomResizedCrop)."""
-    from torchvision.io import decode_jpeg
-
-    data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs[:batch]]
+    """``decode_crop`` alone (nvJPEG batch decode + per-image crop/resize/flip on the device)."""
     rng = np.random.default_rng(0)
-
-    def one_batch() -> torch.Tensor:
-        images = decode_jpeg(data, device=device)
-        out = []
-        for img in images:
-            h, w = img.shape[-2:]
-            top, left, ch, cw = sample_crop(min(h, w), (0.2, 1.0), (3 / 4, 4 / 3), rng)
-            crop = img[:, int(top) : int(top + ch), int(left) : int(left + cw)].float()
-            out.append(torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True))
-        return torch.cat(out).clamp_(0, 255).to(torch.uint8)
-
-    one_batch()
+    data = jpegs[:batch]
+    enc = EncodedImages.pack([(j, sample_crop(375, (0.2, 1.0), (3 / 4, 4 / 3), rng), bool(rng.random() < 0.5), str(i))
+                              for i, j in enumerate(data)])  # fmt: skip
+    decode_crop(enc, size, device)
     torch.cuda.synchronize()
     start = time.perf_counter()
     reps = 5
     for _ in range(reps):
-        one_batch()
+        decode_crop(enc, size, device)
     torch.cuda.synchronize()
     return {"images_per_s": round(reps * len(data) / (time.perf_counter() - start), 1), "batch": len(data)}
 
@@ -173,6 +174,15 @@ def main() -> None:
         tv_one = torchvision_rate(folder, args.size, args.batch, batches, 0)
         tv_many = torchvision_rate(folder, args.size, args.batch, batches, args.workers)
         out["semmae"] = {"one_core_images_per_s": round(one, 1), "all_workers_images_per_s": round(many, 1)}
+        # decode: device — the workers only read shards, parse headers, crop part maps, draw noise
+        read_one = semmae_rate(shards, args.size, args.batch, batches, 0, "device")
+        read_many = semmae_rate(shards, args.size, args.batch, batches, args.workers, "device")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        decoded = semmae_rate(shards, args.size, args.batch, batches, args.workers, "device", device)
+        out["semmae_decode_device"] = {"workers_side_one_core_images_per_s": round(read_one, 1),
+                                       "workers_side_all_workers_images_per_s": round(read_many, 1),
+                                       "with_decode_and_crop_images_per_s": round(decoded, 1),
+                                       "decode_device": str(device)}  # fmt: skip
         out["torchvision_imagefolder"] = {"one_core_images_per_s": round(tv_one, 1),
                                           "all_workers_images_per_s": round(tv_many, 1)}  # fmt: skip
         out["breakdown_one_core"] = breakdown(shards, args.size, min(args.images, 128))

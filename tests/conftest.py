@@ -91,8 +91,9 @@ PART_COLOURS = np.array([(0, 0, 0), (230, 30, 30), (30, 230, 30), (30, 30, 230),
 
 
 def make_part_shards(root: Path, n_train: int = 96, n_val: int = 16, size: int = 16, grid: int = 4,
-                     num_parts: int = 4, shard_size: int = 24, seed: int = 0) -> Path:  # fmt: skip
-    """An ``export_parts``-format shard set: images painted by their (blocky, random) part maps, plus noise."""
+                     num_parts: int = 4, shard_size: int = 24, seed: int = 0, fmt: str = "png") -> Path:  # fmt: skip
+    """An ``export_parts``-format shard set: images painted by their (blocky, random) part maps, plus noise
+    (``fmt``: stored as PNG or as JPEG)."""
     from pipeline.data.shards import write_shards
     from pipeline.io import json_bytes
 
@@ -106,11 +107,11 @@ def make_part_shards(root: Path, n_train: int = 96, n_val: int = 16, size: int =
             img = PART_COLOURS[parts].repeat(size // grid, 0).repeat(size // grid, 1).astype(np.int16)
             img = np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
             buf, npy = io.BytesIO(), io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
+            Image.fromarray(img).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=95)
             np.save(npy, parts, allow_pickle=False)
             label = i % 3
             counts[str(label)] = counts.get(str(label), 0) + 1
-            samples.append({"__key__": f"{split}{i:05d}", "png": buf.getvalue(), "cls": str(label).encode(),
+            samples.append({"__key__": f"{split}{i:05d}", fmt: buf.getvalue(), "cls": str(label).encode(),
                             "json": b'{"source": "synthetic"}', "parts.npy": npy.getvalue()})  # fmt: skip
         shards = write_shards(samples, root / split, split, shard_size)
         splits[split] = {"num_samples": n, "shards": shards, "class_counts": counts}

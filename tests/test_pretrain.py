@@ -15,10 +15,11 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import PART_COLOURS, write_params
+from conftest import PART_COLOURS, make_part_shards, write_params
 from pipeline.config import ConfigError, PretrainConfig, load_pretrain_config
 from pipeline.data.shards import ShardFormatError, shard_paths
 from pipeline.mae.data import joint_crop, make_loader, sample_crop
+from pipeline.mae.decode import decode_crop
 from pipeline.mae.masking import random_masking, semantic_masking
 from pipeline.mae.model import MaskedAutoencoder
 from pipeline.mae.train import alpha_at, lr_at
@@ -126,6 +127,28 @@ def test_loader_yields_a_fixed_number_of_batches_seeded_by_epoch_whatever_the_wo
         epoch(0, batch=7)
 
 
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_device_decode_gives_the_cpu_paths_crops_flips_part_maps_and_noise(tmp_path, fmt):
+    """decode: device (here the CPU stands in for the GPU: torchvision's decode_jpeg + torch resize)."""
+    shards = shard_paths(make_part_shards(tmp_path / fmt, fmt=fmt), "train", "semmae-parts/1")
+
+    def epoch(decode, scale=(0.2, 1.0), ratio=(0.75, 4 / 3), workers=0):
+        dl = make_loader(shards, 4, 16, 4, 8, 3, 0, 0, scale, ratio, 0.5, 16, workers, 2, 40, decode)
+        return [(decode_crop(x, 16, torch.device("cpu")) if decode == "device" else x, p, y, n) for x, p, y, n in dl]
+
+    cpu, dev, dev_workers = epoch("cpu"), epoch("device"), epoch("device", workers=2)
+    for (x1, p1, y1, n1), (x2, p2, y2, n2), item in zip(cpu, dev, dev_workers):
+        assert all(torch.equal(a, b) for a, b in zip((x2, p2, y2, n2), item))  # through worker processes too
+        assert torch.equal(p1, p2) and torch.equal(y1, y2) and torch.equal(n1, n2)
+        assert x2.shape == x1.shape and x2.dtype == torch.uint8
+        # resampling differs in detail (whole-pixel crop box, torch's bicubic), not in content
+        assert (x1.float() - x2.float()).abs().mean() < 12
+    # a crop of the whole image at its own size: both paths are the identity, up to rounding
+    whole_cpu, whole_dev = epoch("cpu", (1.0, 1.0), (1.0, 1.0)), epoch("device", (1.0, 1.0), (1.0, 1.0))
+    for (x1, *_), (x2, *_) in zip(whole_cpu, whole_dev):
+        assert (x1.int() - x2.int()).abs().max() <= 1
+
+
 def test_schedules_and_lr():
     cfg = PretrainConfig(epochs=10, warmup_epochs=1, base_lr=1e-3, batch_size=512, min_lr=0.0)
     assert lr_at(cfg, 0, 100) == 0.0
@@ -220,12 +243,14 @@ def test_changed_params_do_not_resume_a_stale_run(tmp_path, part_shards):
     assert json.loads((tmp_path / "r" / "m.json").read_text())["resumed_from_epoch"] == 0
 
 
-def test_train_shards_stream_from_a_url_template(tmp_path, part_shards):
-    """shards_url: the directory holds only index.json; the shards come through a WebDataset pipe: URL."""
+def test_train_shards_stream_from_a_url_template_and_decode_on_the_device(tmp_path, part_shards):
+    """shards_url: the directory holds only index.json; the shards come through a WebDataset pipe: URL.
+    decode: device, with 2 loader workers (the CPU stands in for the GPU)."""
     index_only = tmp_path / "index_only"
     index_only.mkdir()
     shutil.copy(part_shards / "index.json", index_only / "index.json")
-    run_stage(tmp_path, index_only, "url", epochs=1, shards_url=f"pipe:cat {part_shards}/{{path}}")
+    run_stage(tmp_path, index_only, "url", epochs=1, shards_url=f"pipe:cat {part_shards}/{{path}}", decode="device",
+              num_workers=2, loader_streams=2)  # fmt: skip
     assert json.loads((tmp_path / "url" / "m.json").read_text())["steps"] == 3
 
 

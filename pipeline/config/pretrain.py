@@ -71,6 +71,10 @@ class PretrainConfig(StageConfig):
         None, min_length=1, description="Read the shards from this WebDataset URL template ({path} = "
         "<split>/<file>) instead of the part-shard directory, e.g. 'pipe:aws s3 cp s3://bucket/part_shards/{path} -'.",
     )
+    decode: Literal["cpu", "device"] = Field(
+        "cpu", description="cpu: loader workers decode and crop with PIL; device: workers only read the shards, "
+        "JPEGs are decoded (nvJPEG on CUDA) and cropped on the training device (pipeline/mae/decode.py).",
+    )
     # runtime
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile the model (worth it on GPUs for long runs).")

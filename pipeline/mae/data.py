@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import distributed as D
+from pipeline.mae.decode import EncodedImages, header_size, merge, pixels_chw
 from pipeline.data.shards import (
     ShardFormatError,
     decode_image,
@@ -30,7 +31,7 @@ from pipeline.data.shards import (
     iter_raw_samples,
 )
 
-__all__ = ["Crop", "sample_crop", "joint_crop", "PartShardStream", "PartShardLoader", "make_loader", "stream_count", "decode_part_sample", "fixed_images"]
+__all__ = ["Crop", "sample_crop", "joint_crop", "PartShardStream", "PartShardLoader", "make_loader", "stream_count", "crop_parts", "decode_part_sample", "fixed_images"]
 
 Crop = tuple[float, float, float, float]  # top, left, height, width inside the centred square, pixels
 
@@ -60,18 +61,26 @@ def joint_crop(img: Image.Image, parts: np.ndarray, size: int, grid: int, crop: 
     top, left, ch, cw = crop if crop is not None else (0.0, 0.0, float(side), float(side))
     box = (left0 + left, top0 + top, left0 + left + cw, top0 + top + ch)
     out = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=box), dtype=np.uint8).transpose(2, 0, 1)
+    if flip:
+        out = out[:, :, ::-1]
+    return np.ascontiguousarray(out), crop_parts(parts, side, (top, left, ch, cw), grid, flip)
+
+
+def crop_parts(parts: np.ndarray, side: float, crop: Crop, grid: int, flip: bool) -> np.ndarray:
+    """The part map ``parts [g, g]`` (covering a ``side``-pixel square) sampled at the centres of the
+    ``grid x grid`` output patches of ``crop`` (nearest), flipped with the image: ``uint8 [grid, grid]``."""
+    top, left, ch, cw = crop
     centres = (np.arange(grid) + 0.5) / grid
     g = parts.shape[0]
     rows = np.clip(((top + centres * ch) / side * g).astype(np.int64), 0, g - 1)
     cols = np.clip(((left + centres * cw) / side * g).astype(np.int64), 0, g - 1)
     ids = parts[rows[:, None], cols[None, :]]
-    if flip:
-        out, ids = out[:, :, ::-1], ids[:, ::-1]
-    return np.ascontiguousarray(out), np.ascontiguousarray(ids)
+    return np.ascontiguousarray(ids[:, ::-1] if flip else ids)
 
 
-def decode_part_sample(raw: dict, num_parts: int) -> tuple[Image.Image, np.ndarray, int, str]:
-    """Strictly decode one ``export_parts`` sample: image, part map ``uint8 [g, g]`` with ids < N, label, key."""
+def checked_part_sample(raw: dict, num_parts: int) -> tuple[dict, np.ndarray, str]:
+    """Strictly decode one ``export_parts`` sample but its image: ``(sample, part map uint8 [g, g] with ids
+    < N, 'sample <key> in <shard>' for messages)``."""
     s = decode_sample(raw)
     where = f"sample {s['__key__']!r} in {s['__url__']}"
     parts = s.get("parts")
@@ -81,11 +90,28 @@ def decode_part_sample(raw: dict, num_parts: int) -> tuple[Image.Image, np.ndarr
         raise ShardFormatError(f"{where}: parts.npy must be a square uint8 map, got {parts.dtype} {parts.shape}")
     if parts.size and int(parts.max()) >= num_parts:
         raise ShardFormatError(f"{where}: parts.npy holds part id {int(parts.max())} >= num_parts={num_parts}")
+    return s, parts, where
+
+
+def decode_part_sample(raw: dict, num_parts: int) -> tuple[Image.Image, np.ndarray, int, str]:
+    """Strictly decode one ``export_parts`` sample: image, part map ``uint8 [g, g]`` with ids < N, label, key."""
+    s, parts, where = checked_part_sample(raw, num_parts)
     try:
         img = decode_image(s["image"], mode="")
     except OSError as exc:
         raise ShardFormatError(f"{where}: undecodable image ({exc})") from None
     return img, parts, s["cls"], s["__key__"]
+
+
+def _undecoded(s: dict, where: str) -> tuple[bytes | np.ndarray, tuple[int, int]]:
+    """``(JPEG bytes | decoded pixels uint8 [3, H, W], (width, height))`` of a sample."""
+    try:
+        if s["ext"] == "jpg":
+            return s["image"], header_size(s["image"])
+        img = decode_image(s["image"], mode="")
+        return pixels_chw(img), img.size
+    except OSError as exc:
+        raise ShardFormatError(f"{where}: undecodable image ({exc})") from None
 
 
 class PartShardStream(IterableDataset):
@@ -104,12 +130,12 @@ class PartShardStream(IterableDataset):
     def __init__(self, shards: Sequence[str], num_parts: int, img_size: int, grid: int, stream_batch: int,
                  items: int, epoch: int, seed: int, streams: Sequence[int], num_streams: int,
                  scale: Sequence[float], ratio: Sequence[float], hflip: float, shuffle_buffer: int,
-                 noise_dim: int) -> None:  # fmt: skip
+                 noise_dim: int, decode: str = "cpu") -> None:  # fmt: skip
         self.shards, self.num_parts, self.img_size, self.grid = list(shards), num_parts, img_size, grid
         self.stream_batch, self.items, self.epoch, self.seed = stream_batch, items, epoch, seed
         self.streams, self.num_streams = list(streams), num_streams
         self.scale, self.ratio, self.hflip, self.shuffle_buffer = scale, ratio, hflip, shuffle_buffer
-        self.noise_dim = noise_dim
+        self.noise_dim, self.decode = noise_dim, decode
 
     def _samples(self, shards: list[str], rng: np.random.Generator) -> Iterator[dict]:
         buffer: list[dict] = []
@@ -131,16 +157,28 @@ class PartShardStream(IterableDataset):
         samples = self._samples([self.shards[i] for i in order[stream :: self.num_streams]], rng)
         while True:
             images, parts, labels, noise = [], [], [], []
+            encoded: list[tuple] = []
             for raw in (next(samples) for _ in range(self.stream_batch)):
-                img, ids, label, _ = decode_part_sample(raw, self.num_parts)
-                crop = sample_crop(min(img.size), self.scale, self.ratio, rng)
-                x, p = joint_crop(img, ids, self.img_size, self.grid, crop, bool(rng.random() < self.hflip))
-                images.append(x)
+                if self.decode == "cpu":
+                    img, ids, label, _ = decode_part_sample(raw, self.num_parts)
+                    crop = sample_crop(min(img.size), self.scale, self.ratio, rng)
+                    x, p = joint_crop(img, ids, self.img_size, self.grid, crop, bool(rng.random() < self.hflip))
+                    images.append(x)
+                else:  # the same draws in the same order; the image is decoded on the training device
+                    s, ids, where = checked_part_sample(raw, self.num_parts)
+                    label = s["cls"]
+                    data, (w, h) = _undecoded(s, where)
+                    side = min(w, h)
+                    crop = sample_crop(side, self.scale, self.ratio, rng)
+                    flip = bool(rng.random() < self.hflip)
+                    top0, left0 = (h - side) / 2, (w - side) / 2
+                    encoded.append((data, (top0 + crop[0], left0 + crop[1], crop[2], crop[3]), flip, s["__key__"]))
+                    p = crop_parts(ids, side, crop, self.grid, flip)
                 parts.append(p)
                 labels.append(label)
                 noise.append(rng.random(self.noise_dim, dtype=np.float32))
-            yield (torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(parts)), torch.tensor(labels),
-                   torch.from_numpy(np.stack(noise)))  # fmt: skip
+            batch = EncodedImages.pack(encoded) if encoded else torch.from_numpy(np.stack(images))
+            yield batch, torch.from_numpy(np.stack(parts)), torch.tensor(labels), torch.from_numpy(np.stack(noise))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
@@ -173,13 +211,18 @@ class PartShardLoader:
         items = iter(self.loader)
         for _ in range(self.batches):
             group = [next(items) for _ in range(self.per_batch)]
-            yield tuple(torch.cat(parts) if len(group) > 1 else parts[0] for parts in zip(*group))
+            if len(group) == 1:
+                yield group[0]
+                continue
+            columns = list(zip(*group))
+            images = merge(columns[0]) if isinstance(columns[0][0], EncodedImages) else torch.cat(columns[0])
+            yield (images, *(torch.cat(c) for c in columns[1:]))
 
 
 def make_loader(shards: Sequence[str], num_parts: int, img_size: int, grid: int, batch_size: int, batches: int,
                 epoch: int, seed: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
                 shuffle_buffer: int, num_workers: int, num_streams: Optional[int] = None,
-                noise_dim: int = 1) -> PartShardLoader:  # fmt: skip
+                noise_dim: int = 1, decode: str = "cpu") -> PartShardLoader:  # fmt: skip
     """This rank's ``batches`` micro-batches of ``batch_size`` samples for ``epoch`` (see
     :class:`PartShardStream`). Fails, naming the keys to change, when the shards, streams, ranks,
     workers and batch do not divide."""
@@ -204,7 +247,8 @@ def make_loader(shards: Sequence[str], num_parts: int, img_size: int, grid: int,
             "or num_workers, or re-shard with a smaller prepare.shard_size."
         )
     ds = PartShardStream(shards, num_parts, img_size, grid, batch_size // per_rank, batches, epoch, seed,
-                         range(D.rank(), streams, world), streams, scale, ratio, hflip, shuffle_buffer, noise_dim)  # fmt: skip
+                         range(D.rank(), streams, world), streams, scale, ratio, hflip, shuffle_buffer, noise_dim,
+                         decode)  # fmt: skip
     return PartShardLoader(ds, per_rank, batches, num_workers)
 
 

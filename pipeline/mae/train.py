@@ -28,6 +28,7 @@ from pipeline.data.shards import PARTS_FORMAT, ShardFormatError, read_index, sha
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_output_dir, atomic_write_bytes, file_sha256, json_bytes
 from pipeline.mae.data import make_loader
+from pipeline.mae.decode import EncodedImages, decode_crop
 from pipeline.mae.masking import (
     Masking,
     curriculum_alpha,
@@ -134,7 +135,7 @@ def pretrain(
     no_decay = {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.peak_lr(), betas=tuple(cfg.betas), fused=device.type == "cuda")
-    code = [Path(__file__).with_name(n).read_bytes() for n in ("data.py", "masking.py", "model.py", "train.py")]
+    code = [Path(__file__).with_name(n).read_bytes() for n in ("data.py", "decode.py", "masking.py", "model.py", "train.py")]
     store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "pretrain"), file_sha256(part_shards / "index.json"),
                                                 *code))  # fmt: skip
     start_epoch = 0
@@ -160,7 +161,7 @@ def pretrain(
         model.train()
         loader = make_loader(shards, num_parts, cfg.img_size, cfg.grid, micro, steps_per_epoch * cfg.accum_steps,
                              epoch, cfg.seed, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.shuffle_buffer,
-                             cfg.num_workers, cfg.loader_streams, noise_dim)  # fmt: skip
+                             cfg.num_workers, cfg.loader_streams, noise_dim, cfg.decode)  # fmt: skip
         batches = iter(loader)
         losses, rows = [], []
         for i in range(steps_per_epoch):
@@ -171,6 +172,8 @@ def pretrain(
             step_loss = torch.zeros((), device=device)
             for k in range(cfg.accum_steps):
                 images, parts, _, noise = next(batches)
+                if isinstance(images, EncodedImages):  # decode: device
+                    images = decode_crop(images, cfg.img_size, device)
                 x = normalize(images.to(device, non_blocking=True).float() / 255)
                 masking = make_masking(cfg, parts.to(device, non_blocking=True), alpha, num_parts,
                                        noise=noise.to(device, non_blocking=True))  # fmt: skip
