@@ -55,22 +55,28 @@ def synthetic_jpegs(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def write_sets(jpegs: list[bytes], root: Path, shard_size: int) -> tuple[Path, Path]:
+def write_sets(jpegs: list[bytes], root: Path, shard_size: int, val: int = 0) -> tuple[Path, Path]:
+    """The JPEGs as an ImageFolder (train images only) and as export_parts shards with random 14 x 14
+    part maps; the last ``val`` images form the shards' val split."""
     folder, shards = root / "folder", root / "part_shards"
     rng = np.random.default_rng(1)
     samples = []
     for i, data in enumerate(jpegs):
         cls = f"c{i % 2}"
-        (folder / cls).mkdir(parents=True, exist_ok=True)
-        (folder / cls / f"{i:06d}.JPEG").write_bytes(data)
+        if i < len(jpegs) - val:
+            (folder / cls).mkdir(parents=True, exist_ok=True)
+            (folder / cls / f"{i:06d}.JPEG").write_bytes(data)
         npy = io.BytesIO()
         np.save(npy, rng.integers(0, PARTS, (GRID, GRID)).astype(np.uint8), allow_pickle=False)
         samples.append({"__key__": f"{i:06d}", "jpg": data, "cls": str(i % 2).encode(), "json": b"{}",
                         "parts.npy": npy.getvalue()})  # fmt: skip
-    split = {"num_samples": len(samples), "shards": write_shards(samples, shards / "train", "train", shard_size),
-             "class_counts": {}}  # fmt: skip
+    splits = {}
+    for split, part in (("train", samples[: len(samples) - val]), ("val", samples[len(samples) - val :])):
+        if part:
+            splits[split] = {"num_samples": len(part), "class_counts": {},
+                             "shards": write_shards(part, shards / split, split, shard_size)}  # fmt: skip
     index = {"format": PARTS_FORMAT, "classes": ["c0", "c1"], "grid": [GRID, GRID], "num_parts": PARTS,
-             "method": "learned", "teacher_sha256": "0" * 64, "splits": {"train": split}}  # fmt: skip
+             "method": "learned", "teacher_sha256": "0" * 64, "splits": splits}  # fmt: skip
     (shards / "index.json").write_bytes(json_bytes(index))
     return folder, shards
 
