@@ -30,7 +30,7 @@ tmp=$(mktemp -d)
 python3 -c "
 import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
 from loader_throughput import synthetic_jpegs, write_sets
-write_sets(synthetic_jpegs(${SMOKE_IMAGES:-1088}), Path('$tmp'), shard_size=128, val=64)" >&2
+write_sets(synthetic_jpegs(${SMOKE_IMAGES:-1088}), Path('$tmp'), shard_size=64, val=64)" >&2
 cat > "$tmp/params.yaml" <<'YAML'
 pretrain:
   seeds: [0]

@@ -241,10 +241,10 @@ def make_loader(shards: Sequence[str], num_parts: int, img_size: int, grid: int,
             f"make pretrain batch_size / (ranks x accum_steps) a multiple of loader_streams / ranks"
         )
     if len(shards) < streams:
+        source = f"pretrain loader_streams={num_streams}" if num_streams else f"{world} rank(s) x {workers} worker(s)"
         raise ShardFormatError(
-            f"{len(shards)} train shards cannot feed {streams} loader streams ({world} rank(s) x {workers} "
-            f"worker(s) or pretrain loader_streams): every stream needs at least one shard. Lower loader_streams "
-            "or num_workers, or re-shard with a smaller prepare.shard_size."
+            f"{len(shards)} train shards cannot feed {streams} loader streams ({source}): every stream needs at "
+            "least one shard. Lower loader_streams or num_workers, or re-shard with a smaller prepare.shard_size."
         )
     ds = PartShardStream(shards, num_parts, img_size, grid, batch_size // per_rank, batches, epoch, seed,
                          range(D.rank(), streams, world), streams, scale, ratio, hflip, shuffle_buffer, noise_dim,
