@@ -37,6 +37,21 @@ def test_bad_parameter_fails_cleanly_before_any_output(tmp_path, fake_fmnist):
     assert not (tmp_path / "data").exists() and not (tmp_path / "m.json").exists()
 
 
+def test_a_cross_stage_mismatch_fails_the_first_stage_not_the_fifth(tmp_path, fake_fmnist):
+    """export_parts.grid disagrees with the MAE's img_size / patch_size: `semmae prepare` already refuses
+    (every stage checks the whole file), and `semmae check` says the same without running anything."""
+    root, _ = fake_fmnist
+    write_params(tmp_path / "params.yaml", prepare={"root": str(root)}, export_parts={"grid": 4},
+                 pretrain={"common": {"img_size": 32, "patch_size": 4}, "variants": {"semantic": {}}},
+                 linprobe={"batch_size": 100000})  # fmt: skip
+    for args in (("prepare", "--out", "data/prepared", "--metrics", "m.json"), ("check",)):
+        res = semmae(*args, cwd=tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert "pretrain@semantic-0: the MAE grid img_size/patch_size = 32/4 = 8 differs from export_parts.grid = 4" in res.stderr
+        assert "'linprobe.batch_size' = 100000 exceeds the 5000 train images" in res.stderr  # every problem at once
+    assert not (tmp_path / "data").exists() and not (tmp_path / "m.json").exists()
+
+
 def test_missing_dataset_fails_cleanly(tmp_path):
     write_params(tmp_path / "params.yaml", prepare={"root": str(tmp_path / "none")})
     res = semmae("prepare", cwd=tmp_path)

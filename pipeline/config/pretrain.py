@@ -100,7 +100,8 @@ class PretrainConfig(StageConfig):
         for dim, heads, key in ((self.embed_dim, self.num_heads, "embed_dim"),
                                 (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim")):  # fmt: skip
             if dim % heads:
-                raise ValueError(f"{key}={dim} is not a multiple of its number of heads ({heads})")
+                head_key = key.replace("embed_dim", "num_heads")
+                raise ValueError(f"{key}={dim} is not a multiple of {head_key}={heads}")
         if self.shards_url is not None and "{path}" not in self.shards_url:
             raise ValueError(f"shards_url={self.shards_url!r} has no '{{path}}' placeholder")
         if self.warmup_epochs > self.epochs:
