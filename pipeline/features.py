@@ -33,7 +33,7 @@ from pipeline.config.extract import ExtractConfig
 from pipeline.data.images import normalize, to_square
 from pipeline.data.shards import decode_image, iter_samples, read_index, select_ordinals
 from pipeline.errors import PipelineError
-from pipeline.io import json_bytes
+from pipeline.io import ensure_free_space, json_bytes
 from pipeline.sharded import run_sharded
 from pipeline.teacher.build import load_teacher
 
@@ -123,6 +123,8 @@ def extract_features(cfg: ExtractConfig, prepared_dir: str | Path, teacher_dir: 
         for j, shard in enumerate(shards):
             jobs.append((split, shard["file"], wanted, int(first[j])))
             sizes.append(int(counts[j]))
+    tokens = grid[0] * grid[1] + 1
+    ensure_free_space(out_dir, sum(sizes) * tokens * vit.embed_dim * 2 + 4096 * len(jobs), "the feature shards (extract.limit)")
 
     def work(job, tmp: Path, bar) -> None:
         split, name, wanted, first = job

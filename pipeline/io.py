@@ -10,7 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_output_dir", "json_bytes", "file_sha256"]
+from pipeline.errors import PipelineError
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_output_dir", "json_bytes", "file_sha256",
+           "ensure_free_space", "OutOfSpaceError"]
+
+SPACE_MARGIN = 64 << 20  # bytes kept free beyond the estimate (filesystem metadata, logs)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -39,6 +44,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class OutOfSpaceError(PipelineError, OSError):
+    """The disk cannot hold the next output; raised before anything is written."""
+
+
+def ensure_free_space(path: str | Path, needed: int, what: str) -> None:
+    """Fail with a clear message, before writing, if the filesystem of ``path`` has less than ``needed``
+    bytes (+ a margin) free. ``what`` names the output and the parameter that sizes it."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed + SPACE_MARGIN:
+        gib = 1 << 30
+        raise OutOfSpaceError(
+            f"{path}: {what} needs about {needed / gib:.2f} GiB but {probe} has {free / gib:.2f} GiB free: free some "
+            "space (e.g. `dvc gc`), point the output elsewhere, or shrink it"
+        )
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -29,7 +29,7 @@ from pipeline.data.sources import (
     load_fashion_mnist,
     scan_imagefolder,
 )
-from pipeline.io import atomic_output_dir, json_bytes
+from pipeline.io import atomic_output_dir, ensure_free_space, json_bytes
 
 __all__ = ["prepare_dataset", "balanced_subset", "encode_record", "load_source"]
 
@@ -156,10 +156,23 @@ class _NoPool:
         return map(fn, items)
 
 
+def _estimated_bytes(cfg: PrepareConfig, splits: dict) -> int:
+    """An upper estimate of the shards' size: the chosen share of each split's source bytes (decoded
+    arrays: their raw size) plus the tar headers (3 entries of 512 bytes per sample)."""
+    total = 0
+    for split, records in splits.items():
+        limit = cfg.train_limit if split == "train" else cfg.val_limit
+        share = 1.0 if limit is None or not records else min(1.0, limit / len(records))
+        source = sum(r.pixels.nbytes if r.pixels is not None else r.path.stat().st_size for r in records)
+        total += int(share * (source + 1536 * len(records)))
+    return total
+
+
 def prepare_dataset(cfg: PrepareConfig, out_dir: str | Path) -> dict:
     """Build the shard set in ``out_dir`` (replaced atomically on success) and return its metrics."""
     splits, classes = load_source(cfg)  # fails on a missing/malformed source before any output
     index: dict = {"format": INDEX_FORMAT, "source": cfg.source, "classes": classes, "splits": {}, "skipped": {}}
+    ensure_free_space(out_dir, _estimated_bytes(cfg, splits), "the prepared shards (prepare.train_limit / val_limit)")
     with atomic_output_dir(out_dir) as tmp:
         for split, records in splits.items():
             labels = np.array([r.label for r in records], dtype=np.int64)

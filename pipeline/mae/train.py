@@ -26,7 +26,7 @@ from pipeline.config.pretrain import PretrainConfig
 from pipeline.data.images import normalize
 from pipeline.data.shards import PARTS_FORMAT, ShardFormatError, read_index, shard_paths
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_output_dir, atomic_write_bytes, file_sha256, json_bytes
+from pipeline.io import atomic_output_dir, atomic_write_bytes, ensure_free_space, file_sha256, json_bytes
 from pipeline.mae.data import make_loader
 from pipeline.mae.decode import EncodedImages, decode_crop
 from pipeline.mae.masking import (
@@ -90,6 +90,23 @@ def seeded_generator(device: torch.device, *seeds: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc)
+
+
+def out_of_memory_advice(cfg: PretrainConfig, micro: int, world: int, device: torch.device) -> str:
+    """What to change when a micro-batch does not fit: accumulation keeps the global batch and the lr."""
+    more = cfg.accum_steps * 2
+    fits = cfg.batch_size % (world * more) == 0
+    step = (f"set pretrain accum_steps: {more} (micro-batch {cfg.batch_size // (world * more)} images per rank; "
+            "the global batch and the lr stay the same)") if fits else (
+            f"set pretrain accum_steps to a divisor of batch_size / ranks = {cfg.batch_size // world} above "
+            f"{cfg.accum_steps}")  # fmt: skip
+    return (f"pretrain ran out of {device.type} memory with a micro-batch of {micro} images per rank (batch_size "
+            f"{cfg.batch_size} / ({world} rank(s) x accum_steps {cfg.accum_steps})): {step}, or lower batch_size")
+
+
 def _check_shards(cfg: PretrainConfig, part_shards: Path) -> dict:
     index = read_index(part_shards, PARTS_FORMAT)
     grid = index["grid"][0]
@@ -132,6 +149,9 @@ def pretrain(
     autocast = device.type == "cuda" if cfg.precision == "auto" else cfg.precision == "bf16"
 
     model = build_mae(cfg).to(device)
+    state_bytes = 3 * 4 * sum(p.numel() for p in model.parameters())  # fp32 weights + AdamW's two moments
+    ensure_free_space(resume_dir, 2 * state_bytes, "pretrain's resume checkpoints (last.pth + prev.pth)")
+    ensure_free_space(out_dir, state_bytes, "pretrain's outputs (encoder.pth, mae.pth)")
     no_decay = {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.peak_lr(), betas=tuple(cfg.betas), fused=device.type == "cuda")
@@ -179,9 +199,14 @@ def pretrain(
                                        noise=noise.to(device, non_blocking=True))  # fmt: skip
                 sync = k == cfg.accum_steps - 1 or world == 1
                 ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss, _ = ddp(x, masking)
-                    (loss / cfg.accum_steps).backward()
+                try:
+                    with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        loss, _ = ddp(x, masking)
+                        (loss / cfg.accum_steps).backward()
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    raise TrainingError(out_of_memory_advice(cfg, micro, world, device)) from None
                 step_loss += loss.detach() / cfg.accum_steps
             if cfg.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)

@@ -35,7 +35,7 @@ from pipeline.data.shards import (
     write_tar,
 )
 from pipeline.features import FeatureError
-from pipeline.io import file_sha256, json_bytes
+from pipeline.io import ensure_free_space, file_sha256, json_bytes
 from pipeline.parts.build import PARTS_CHECKPOINT, load_part_learner, parts_teacher
 from pipeline.parts.metrics import cls_attention
 from pipeline.sharded import run_sharded
@@ -130,4 +130,6 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
         (tmp / "config.json").write_bytes(resolved_config(cfg, "export_parts"))
         return {"grid": grid, "num_parts": meta["num_parts"], **{f"{s}_samples": v["num_samples"] for s, v in splits.items()}}
 
+    source_bytes = sum(s.get("bytes", 0) for split in ("train", "val") for s in index["splits"][split]["shards"])
+    ensure_free_space(out_dir, source_bytes + 1024 * sum(sizes), "the part shards (the prepared images + maps)")
     return run_sharded(out_dir, jobs, work, finalize, sizes, desc="export parts")
