@@ -32,13 +32,18 @@ def main(
     out: Path = typer.Option(..., help="Output directory: head.pth + config.json."),
     metrics: Path = typer.Option(..., help="top-1, top-5, k-NN top-1 (JSON)."),
     curves: Path = typer.Option(..., help="Per-epoch loss, train accuracy and lr (TSV)."),
+    resume: Path = typer.Option(None, help="Resume checkpoints of the head training (a DVC persist output)."),
 ) -> None:
     """MAE's linear probe (BatchNorm + linear head on the frozen CLS token, LARS) and k-NN of one encoder."""
     from pipeline.curves import CurveLog
     from pipeline.eval.probe_run import probe_pretrained
 
     cfg = load_stage_config(LinprobeConfig, params, "linprobe")
-    result = probe_pretrained(cfg, prepared, pretrained, out, _device(), CurveLog(curves) if _main() else None)
+    curve_log = CurveLog(curves) if _main() else None
+    if resume is not None and _main():
+        resume.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is left to resume
+    result = probe_pretrained(cfg, prepared, pretrained, out, _device(), curve_log, resume_dir=resume,
+                              curve_rows=curve_log.rows if curve_log else None)  # fmt: skip
     if result:  # rank 0 (under torchrun the other ranks only share the encoding)
         atomic_write_json(metrics, result)
     log.info("done: %s", result)

@@ -21,6 +21,8 @@ def main(
     out: Path = typer.Option(Path("data/teacher"), help="Output directory: checkpoint_teacher.pth + config.json."),
     metrics: Path = typer.Option(Path("metrics/teacher.json"), help="k-NN quality of teacher, random ViT, raw pixels."),
     curves: Path = typer.Option(Path("metrics/teacher_train.tsv"), help="Per-epoch training curves (TSV)."),
+    resume: Path = typer.Option(Path("data/resume/teacher"), help="Resume checkpoints of teacher.init=train (kept "
+                                "while a killed run is rerun; a DVC persist output)."),
     max_steps: int = typer.Option(None, help="Stop training after this many steps (smoke tests)."),
 ) -> None:
     """Load (teacher.init=checkpoint) or train with the iBOT objective (teacher.init=train) the frozen ViT.
@@ -35,6 +37,10 @@ def main(
     cfg = load_stage_config(TeacherConfig, params, "teacher")
     log.info("teacher: init=%s arch=%s img_size=%d patch=%s", cfg.init, cfg.arch, cfg.img_size, cfg.patch_size)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
-    result = build_teacher(cfg, prepared, out, log_step=CurveLog(curves) if main else None, max_steps=max_steps)
+    if main:
+        resume.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is trained
+    curve_log = CurveLog(curves) if main else None
+    result = build_teacher(cfg, prepared, out, log_step=curve_log, max_steps=max_steps, resume_dir=resume,
+                           curve_rows=curve_log.rows if curve_log else None)  # fmt: skip
     if result:
         atomic_write_json(metrics, result)

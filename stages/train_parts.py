@@ -23,6 +23,8 @@ def main(
     metrics: Path = typer.Option(Path("metrics/parts.json"), help="Part statistics of the method and the references."),
     curves: Path = typer.Option(Path("metrics/parts_train.tsv"), help="Per-epoch training curves (TSV)."),
     figure: Path = typer.Option(Path("plots/parts/val_parts.png"), help="Validation images with part maps overlaid."),
+    resume: Path = typer.Option(Path("data/resume/train_parts"), help="Resume checkpoints (kept while a killed run "
+                                "is rerun; a DVC persist output)."),
 ) -> None:
     """Train the part learner (parts.method=learned) or take attention heads, and report part statistics.
 
@@ -37,7 +39,10 @@ def main(
 
     cfg = load_stage_config(PartsConfig, params, "parts")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = build_parts(cfg, prepared, teacher, features, out, figure, device, CurveLog(curves))
+    resume.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is trained
+    curve_log = CurveLog(curves)
+    result = build_parts(cfg, prepared, teacher, features, out, figure, device, curve_log, resume_dir=resume,
+                         curve_rows=curve_log.rows)  # fmt: skip
     atomic_write_json(metrics, result)
     log.info("parts %s; references: attention heads %s, k-means %s", result.get("parts"),
              result.get("attention_heads"), result.get("kmeans"))  # fmt: skip

@@ -169,3 +169,40 @@ def test_random_teacher_method_reads_its_own_random_vit(stages, tmp_path):
     export_parts(ExportPartsConfig(grid=None, batch_size=8), prepared, teacher, tmp_path / "p", tmp_path / "e")
     ids = np.stack([s["parts"] for s in iter_samples(shard_paths(tmp_path / "e", "val", PARTS_FORMAT))])
     assert ids.shape == (20, 4, 4) and ids.max() < 3
+
+
+def test_killed_part_learner_training_resumes_to_the_same_parts(stages, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import write_params
+
+    write_params(tmp_path / "params.yaml", parts={**PARTS, "epochs": 20})
+    bin_dir = Path(sys.executable).parent
+
+    def run(name: str, wait: bool = True):
+        args = [str(bin_dir / "semmae"), "train_parts", "--prepared", "prepared", "--teacher", "teacher", "--features",
+                "features", "--out", f"{name}/out", "--metrics", f"{name}/m.json", "--curves", f"{name}/c.tsv",
+                "--figure", f"{name}/f.png", "--resume", f"{name}/resume"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if not wait:
+            return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    run("unbroken")
+    proc = run("broken", wait=False)
+    last = tmp_path / "broken" / "resume" / "method" / "last.pth"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert last.exists() and not (tmp_path / "broken" / "out").exists(), "killed too late"
+    run("broken")
+    for rel in (f"out/{PARTS_CHECKPOINT}", "m.json", "c.tsv"):
+        assert (tmp_path / "broken" / rel).read_bytes() == (tmp_path / "unbroken" / rel).read_bytes(), rel
+    assert not any((tmp_path / "broken" / "resume").rglob("*.pth"))

@@ -118,3 +118,45 @@ def test_report_names_a_missing_metrics_file(tmp_path):
         collect_rows(tmp_path / "metrics" / "linprobe", tmp_path / "metrics" / "pretrain",
                      {"semantic": {}, "random": {}}, [0])  # fmt: skip
     assert verdict([])["text"].startswith("no comparison")
+
+
+def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
+    import os
+    import signal
+    import time
+
+    from pipeline.config import PrepareConfig
+    from pipeline.data.prepare import prepare_dataset
+    from pipeline.models.checkpoint import build_vit, save_backbone
+
+    root, _ = fake_fmnist
+    prepare_dataset(PrepareConfig(root=str(root), train_limit=100, val_limit=40, num_workers=0), tmp_path / "prepared")
+    shape = {"arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 1, "num_heads": 2, "embed_dim": 32}
+    (tmp_path / "enc").mkdir()
+    torch.manual_seed(0)
+    save_backbone(build_vit(**shape), tmp_path / "enc" / "encoder.pth")
+    (tmp_path / "enc" / "meta.json").write_text(json.dumps({**shape, "masking": "semantic", "seed": 0, "epochs": 1}))
+    write_params(tmp_path / "params.yaml", linprobe={"epochs": 150, "warmup_epochs": 10, "batch_size": 16})
+
+    def run(name: str, wait: bool = True):
+        args = [str(BIN / "semmae"), "linprobe", "--prepared", "prepared", "--pretrained", "enc", "--out", f"{name}/out",
+                "--metrics", f"{name}/m.json", "--curves", f"{name}/c.tsv", "--resume", f"{name}/resume"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if not wait:
+            return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    run("unbroken")
+    proc = run("broken", wait=False)
+    last = tmp_path / "broken" / "resume" / "last.pth"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert last.exists() and not (tmp_path / "broken" / "out").exists(), "killed too late"
+    run("broken")
+    for rel in ("out/head.pth", "m.json", "c.tsv"):
+        assert (tmp_path / "broken" / rel).read_bytes() == (tmp_path / "unbroken" / rel).read_bytes(), rel
+    assert not any((tmp_path / "broken" / "resume").iterdir())

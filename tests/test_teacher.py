@@ -153,3 +153,43 @@ def test_teacher_stage_loads_a_checkpoint_and_fails_early_on_a_bad_one(prepared,
     with pytest.raises(CheckpointError, match="missing keys"):
         build_teacher(bad, prepared, tmp_path / "teacher2", device=torch.device("cpu"))
     assert not (tmp_path / "teacher2").exists()
+
+
+def run_teacher(cwd, name: str, wait: bool = True):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    args = [str(bin_dir / "semmae"), "teacher", "--prepared", "prepared", "--out", f"{name}/out", "--metrics",
+            f"{name}/m.json", "--curves", f"{name}/c.tsv", "--resume", f"{name}/resume"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_killed_teacher_training_resumes_to_the_same_teacher(prepared, tmp_path):
+    import signal
+    import time
+
+    from conftest import write_params
+
+    write_params(tmp_path / "params.yaml", teacher={**TINY, "init": "train", "eval_batch_size": 64, "train": {
+        "epochs": 8, "batch_size": 16, "local_size": 8, "out_dim": 16, "head_hidden_dim": 32, "head_bottleneck_dim": 8,
+        "warmup_epochs": 1}})  # fmt: skip
+    run_teacher(tmp_path, "unbroken")
+    proc = run_teacher(tmp_path, "broken", wait=False)
+    last = tmp_path / "broken" / "resume" / "last.pth"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # right after the first epoch's checkpoint
+    proc.wait(timeout=30)
+    assert last.exists() and not (tmp_path / "broken" / "out").exists(), "killed too late"
+    run_teacher(tmp_path, "broken")
+    for rel in ("out/checkpoint_teacher.pth", "m.json", "c.tsv"):
+        assert (tmp_path / "broken" / rel).read_bytes() == (tmp_path / "unbroken" / rel).read_bytes(), rel
+    assert not any((tmp_path / "broken" / "resume").iterdir())  # cleared once the teacher is written

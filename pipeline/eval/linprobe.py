@@ -19,6 +19,7 @@ from tqdm import tqdm
 from pipeline.config.linprobe import LinprobeConfig
 from pipeline.eval.knn import knn_accuracy
 from pipeline.eval.lars import LARS
+from pipeline.resume import ResumeStore
 from pipeline.schedule import warmup_cosine
 from pipeline.teacher.augment import random_resized_crop
 
@@ -54,9 +55,12 @@ def encode_all(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
 def train_probe(
     train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, cfg: LinprobeConfig, device: torch.device,
     encode: Encoder = None, log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe",
+    store: Optional[ResumeStore] = None, curve_rows: Optional[list] = None,
 ) -> nn.Sequential:  # fmt: skip
     """Train a probe head on ``train_x``: features ``[N, D]`` (``encode=None``) or images ``uint8 [N, 3, S, S]``
-    encoded batch by batch by ``encode`` (optionally augmented). Batch order is seeded by ``cfg.seed``."""
+    encoded batch by batch by ``encode`` (optionally augmented). Batch order is seeded by ``cfg.seed``.
+    ``store``: the head, optimiser, generators and curves are saved at epoch ends and a killed run
+    continues from there to the same head."""
     n = len(train_x)
     bs = min(cfg.batch_size, n)
     steps_per_epoch = n // bs  # full batches only, as MAE (drop_last)
@@ -69,8 +73,18 @@ def train_probe(
     opt = LARS(head.parameters(), lr=0.0, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                trust_coefficient=cfg.trust_coefficient)  # fmt: skip
     total = steps_per_epoch * cfg.epochs
-    bar = tqdm(total=total, desc=desc, unit="step", mininterval=1.0)
-    for epoch in range(cfg.epochs):
+    start_epoch = 0
+    state = store.load() if store is not None else None
+    if state is not None:
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        aug_gen.set_state(state["aug_generator"])
+        start_epoch = int(state["epoch"])
+        if curve_rows is not None:
+            curve_rows[:] = state["curves"]
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=desc, unit="step", mininterval=1.0)
+    for epoch in range(start_epoch, cfg.epochs):
         head.train()
         order = torch.randperm(n, generator=gen)
         loss_sum, correct = torch.zeros(()), 0
@@ -101,6 +115,9 @@ def train_probe(
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
         if log_row is not None:
             log_row((epoch + 1) * steps_per_epoch, stats)
+        if store is not None:
+            store.save({"head": head.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                        "aug_generator": aug_gen.get_state(), "epoch": epoch + 1, "curves": list(curve_rows or [])})  # fmt: skip
     bar.close()
     return head.eval()
 
@@ -117,9 +134,10 @@ def evaluate_head(head: nn.Sequential, features: torch.Tensor, labels: torch.Ten
 def probe_cached(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
                  num_classes: int, cfg: LinprobeConfig, device: torch.device,
                  log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe",
+                 store: Optional[ResumeStore] = None, curve_rows: Optional[list] = None,
                  ) -> tuple[dict, nn.Sequential]:  # fmt: skip
     """Linear probe + k-NN on features computed once (``mode: cached``)."""
-    head = train_probe(train_f, train_y, num_classes, cfg, device, None, log_row, desc)
+    head = train_probe(train_f, train_y, num_classes, cfg, device, None, log_row, desc, store, curve_rows)
     metrics = evaluate_head(head, val_f, val_y, device)
     metrics["knn_top1"] = knn_accuracy(train_f.cpu(), train_y, val_f.cpu(), val_y, k=cfg.knn_k)
     return metrics, head
@@ -129,13 +147,14 @@ def probe_features(
     encode: Callable[[torch.Tensor], torch.Tensor], train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor], num_classes: int, cfg: LinprobeConfig, device: torch.device,
     log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe",
+    store: Optional[ResumeStore] = None, curve_rows: Optional[list] = None,
 ) -> tuple[dict, nn.Sequential]:  # fmt: skip
     """Linear probe + k-NN of ``encode`` on in-memory (images, labels) splits; returns metrics and the head."""
     val_f = encode_all(encode, val[0], cfg.eval_batch_size, f"{desc}: encode val")
     if cfg.mode == "cached":
         train_f = encode_all(encode, train[0], cfg.eval_batch_size, f"{desc}: encode train")
-        return probe_cached(train_f, train[1], val_f, val[1], num_classes, cfg, device, log_row, desc)
-    head = train_probe(train[0], train[1], num_classes, cfg, device, encode, log_row, desc)
+        return probe_cached(train_f, train[1], val_f, val[1], num_classes, cfg, device, log_row, desc, store, curve_rows)
+    head = train_probe(train[0], train[1], num_classes, cfg, device, encode, log_row, desc, store, curve_rows)
     train_f = encode_all(encode, train[0], cfg.eval_batch_size, f"{desc}: encode train (k-NN)")
     metrics = evaluate_head(head, val_f, val[1], device)
     metrics["knn_top1"] = knn_accuracy(train_f.cpu(), train[1], val_f.cpu(), val[1], k=cfg.knn_k)

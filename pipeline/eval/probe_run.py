@@ -19,8 +19,9 @@ from pipeline.data.shards import read_index
 from pipeline.errors import PipelineError
 from pipeline.eval.encode import encode_splits, pixel_encoder, vit_encoder
 from pipeline.eval.linprobe import probe_cached, probe_features
-from pipeline.io import atomic_output_dir
+from pipeline.io import atomic_output_dir, file_sha256
 from pipeline.models.checkpoint import build_vit, load_backbone
+from pipeline.resume import ResumeStore, fingerprint
 
 __all__ = ["probe_pretrained", "probe_references", "load_encoder", "ProbeError"]
 
@@ -56,7 +57,8 @@ def _classes(prepared: Path, labels: dict[str, torch.Tensor]) -> int:
 
 
 def _probe(cfg: LinprobeConfig, prepared: Path, img_size: int, encoders: dict, device: torch.device,
-           log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe") -> tuple[dict, dict]:  # fmt: skip
+           log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe", store=None,
+           curve_rows: Optional[list] = None) -> tuple[dict, dict]:  # fmt: skip
     """``{encoder name: (metrics, head)}``. Cached mode streams the splits once through every encoder
     (images never all in memory); online mode holds both splits in memory (small datasets)."""
     results = {}
@@ -67,7 +69,7 @@ def _probe(cfg: LinprobeConfig, prepared: Path, img_size: int, encoders: dict, d
         classes = _classes(prepared, labels)
         for name, f in feats.items():
             results[name] = probe_cached(f["train"], labels["train"], f["val"], labels["val"], classes, cfg, device,
-                                         log_row, desc=f"{desc} {name}".strip())  # fmt: skip
+                                         log_row, desc=f"{desc} {name}".strip(), store=store, curve_rows=curve_rows)  # fmt: skip
         return results, {"num_classes": classes}
     if D.world_size() > 1:
         raise ProbeError("linprobe mode: online runs in one process (it holds the splits in memory): run it without "
@@ -76,7 +78,8 @@ def _probe(cfg: LinprobeConfig, prepared: Path, img_size: int, encoders: dict, d
     val = load_split(prepared, "val", img_size, desc="load val")
     classes = _classes(prepared, {"train": train[1], "val": val[1]})
     for name, encode in encoders.items():
-        results[name] = probe_features(encode, train[:2], val[:2], classes, cfg, device, log_row,
+        results[name] = probe_features(encode, train[:2], val[:2], classes, cfg, device, log_row, store=store,
+                                       curve_rows=curve_rows,
                                        desc=f"{desc} {name}".strip())  # fmt: skip
     return results, {"num_classes": classes}
 
@@ -88,11 +91,19 @@ def _save_head(head: torch.nn.Module, path: Path) -> None:
 
 
 def probe_pretrained(cfg: LinprobeConfig, prepared: str | Path, pretrain_dir: str | Path, out_dir: str | Path,
-                     device: torch.device, log_row: Optional[Callable[[int, dict], None]] = None) -> dict:  # fmt: skip
+                     device: torch.device, log_row: Optional[Callable[[int, dict], None]] = None,
+                     resume_dir: Optional[str | Path] = None, curve_rows: Optional[list] = None) -> dict:  # fmt: skip
     """Linear probe + k-NN of one pretrained encoder; writes ``head.pth`` + ``config.json`` into ``out_dir``."""
     vit, meta = load_encoder(pretrain_dir)
     D.init_distributed()
+    store = None
+    if resume_dir is not None:  # a killed probe continues its head training from the last epoch
+        code = [p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))]
+        store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "linprobe"), (Path(pretrain_dir) / "meta.json").read_bytes(),
+                                                    file_sha256(Path(pretrain_dir) / "encoder.pth"),
+                                                    (Path(prepared) / "index.json").read_bytes(), *code))  # fmt: skip
     results, info = _probe(cfg, Path(prepared), meta["img_size"], {"": vit_encoder(vit, device)}, device, log_row,
+                           store=store if D.is_main() else None, curve_rows=curve_rows,
                            desc=f"linprobe {meta.get('masking', '')}")  # fmt: skip
     if not D.is_main():
         return {}
@@ -101,6 +112,8 @@ def probe_pretrained(cfg: LinprobeConfig, prepared: str | Path, pretrain_dir: st
     with atomic_output_dir(out_dir) as tmp:
         _save_head(head, tmp / "head.pth")
         (tmp / "config.json").write_bytes(resolved_config(cfg, "linprobe"))
+    if store is not None:
+        store.clear()  # the outputs are written: nothing to resume
     return {**metrics, "masking": meta.get("masking"), "seed": meta.get("seed"), "pretrain_epochs": meta.get("epochs"),
             "num_classes": classes}  # fmt: skip
 

@@ -8,6 +8,7 @@ randomly initialised teacher of the same shape.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +30,7 @@ from pipeline.parts.metrics import (
     segmentation_stats,
 )
 from pipeline.parts.model import PartLearner
+from pipeline.resume import ResumeStore, fingerprint
 from pipeline.parts.train import (
     build_part_learner,
     losses,
@@ -136,7 +138,7 @@ def load_part_learner(path: str | Path) -> tuple[Optional[PartLearner], dict]:
 def build_parts(
     cfg: PartsConfig, prepared_dir, teacher_dir, features_dir, out_dir, figure_path: Optional[Path] = None,
     device: Optional[torch.device] = None, log_epoch: Optional[Callable[[int, dict], None]] = None,
-    references: bool = True,
+    references: bool = True, resume_dir: Optional[str | Path] = None, curve_rows: Optional[list] = None,
 ) -> dict:  # fmt: skip
     """Write ``out_dir/part_learner.pth`` (+ ``config.json``); return metrics; optionally draw the figure."""
     device = device or torch.device("cpu")
@@ -158,6 +160,12 @@ def build_parts(
     va_images = _aligned_images(prepared_dir, "val", tcfg.img_size, va["key"])
 
     metrics: dict = {"method": cfg.method, "num_parts": n_parts}
+    stores: dict[str, ResumeStore] = {}
+    if resume_dir is not None:  # the two trainings (the method's, the random-teacher reference's) resume apart
+        key = fingerprint(resolved_config(cfg, "parts"), teacher_sha, json.dumps(index, sort_keys=True),
+                          (Path(prepared_dir) / "index.json").read_bytes(),
+                          *[p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))])  # fmt: skip
+        stores = {name: ResumeStore(Path(resume_dir) / name, key) for name in ("method", "reference")}
     columns: dict[str, torch.Tensor] = {}
     model, extra = None, {}
     if cfg.method in ("learned", "random_teacher"):
@@ -166,7 +174,8 @@ def build_parts(
             (tr_cls, tr_patches), (va_cls, va_patches) = _encode_tokens(rand_vit, tr_images), _encode_tokens(rand_vit, va_images)
             extra["teacher_state"] = {k: v.contiguous() for k, v in sorted(rand_vit.state_dict().items())}
         model = build_part_learner(cfg, dim, grid, tcfg.img_size)
-        metrics["train"] = train_part_learner(model, tr_cls, tr_patches, tr_images, cfg, device, log_epoch)
+        metrics["train"] = train_part_learner(model, tr_cls, tr_patches, tr_images, cfg, device, log_epoch,
+                                              store=stores.get("method"), curve_rows=curve_rows)  # fmt: skip
         model.cpu().eval()
         with torch.no_grad():
             metrics["val_recon_l1"] = losses(model, va_cls, va_patches, va_images, cfg)["recon"].item()
@@ -183,7 +192,8 @@ def build_parts(
             rand_vit = _random_teacher(tcfg, cfg.seed)
             r_tr, r_va = _encode_tokens(rand_vit, tr_images), _encode_tokens(rand_vit, va_images)
             rand_model = build_part_learner(cfg, dim, grid, tcfg.img_size)
-            train_part_learner(rand_model, *r_tr, tr_images, cfg, device, desc="train parts (random teacher)")
+            train_part_learner(rand_model, *r_tr, tr_images, cfg, device, desc="train parts (random teacher)",
+                               store=stores.get("reference"))  # fmt: skip
             columns["random-teacher parts"] = part_ids(rand_model.cpu(), *r_va)
     heads = vit.blocks[-1].attn.num_heads
     names = {"learned parts": "parts", "k-means": "kmeans", "random-teacher parts": "random_teacher",
@@ -201,4 +211,6 @@ def build_parts(
         (tmp / "config.json").write_bytes(resolved_config(cfg, "parts"))
     if figure_path is not None:
         part_overlay_grid(va_images[:8], {t: ids[:8] for t, ids in columns.items()}, figure_path)
+    for store in stores.values():
+        store.clear()  # the outputs are written: nothing to resume
     return metrics

@@ -1,4 +1,8 @@
-"""Training and inference of the part learner on cached teacher features (single process)."""
+"""Training and inference of the part learner on cached teacher features (single process).
+
+With a :class:`~pipeline.resume.ResumeStore` the training state (model, optimiser, batch-order
+generator, curves) is saved at every epoch end and a killed run continues to the same weights.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from tqdm import tqdm
 
 from pipeline.config.parts import PartsConfig
 from pipeline.parts.model import PartLearner, diversity_loss, usage_loss
+from pipeline.resume import ResumeStore
 from pipeline.teacher.ibot import cosine_schedule
 
 __all__ = ["build_part_learner", "train_part_learner", "part_ids", "reconstruction_targets"]
@@ -40,6 +45,7 @@ def losses(model: PartLearner, cls: torch.Tensor, patches: torch.Tensor, images:
 def train_part_learner(
     model: PartLearner, cls: torch.Tensor, patches: torch.Tensor, images: torch.Tensor, cfg: PartsConfig,
     device: torch.device, log_epoch: Optional[Callable[[int, dict], None]] = None, desc: str = "train parts",
+    store: Optional[ResumeStore] = None, curve_rows: Optional[list] = None,
 ) -> dict:  # fmt: skip
     """Fit ``model`` to ``cls [N, C]``, ``patches [N, L, C]`` (teacher features) and ``images [N, 3, S, S]`` uint8."""
     n = len(cls)
@@ -49,9 +55,17 @@ def train_part_learner(
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, stats = 0, {}
-    bar = tqdm(total=total, desc=desc, unit="step", mininterval=1.0)
-    for epoch in range(cfg.epochs):
+    step, stats, start_epoch = 0, {}, 0
+    state = store.load() if store is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start_epoch, step, stats = int(state["epoch"]), int(state["step"]), dict(state["stats"])
+        if curve_rows is not None:
+            curve_rows[:] = state["curves"]
+    bar = tqdm(total=total, initial=step, desc=desc, unit="step", mininterval=1.0)
+    for epoch in range(start_epoch, cfg.epochs):
         order = torch.randperm(n, generator=gen)
         sums: dict[str, float] = {}
         for b in range(steps_per_epoch):
@@ -70,6 +84,9 @@ def train_part_learner(
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
         if log_epoch is not None:
             log_epoch(step, stats)
+        if store is not None:
+            store.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                        "epoch": epoch + 1, "step": step, "stats": stats, "curves": list(curve_rows or [])})  # fmt: skip
     bar.close()
     return stats
 

@@ -23,6 +23,7 @@ from pipeline.data.shards import read_index
 from pipeline.eval.encode import encode_splits, vit_encoder
 from pipeline.eval.knn import knn_accuracy
 from pipeline.io import atomic_output_dir, file_sha256
+from pipeline.resume import ResumeStore, fingerprint
 from pipeline.models.checkpoint import (
     CheckpointError,
     build_vit,
@@ -64,6 +65,8 @@ def build_teacher(
     device: Optional[torch.device] = None,
     log_step: Optional[Callable[[int, dict], None]] = None,
     max_steps: Optional[int] = None,
+    resume_dir: Optional[str | Path] = None,
+    curve_rows: Optional[list] = None,
 ) -> dict:
     """Write ``out_dir/checkpoint_teacher.pth`` (+ ``config.json``) and return the quality metrics."""
     device = device or D.device_for_rank()
@@ -80,8 +83,13 @@ def build_teacher(
         metrics["source_sha256"] = file_sha256(cfg.checkpoint)
     else:  # the in-pipeline teacher trains on the train split held in memory (small datasets)
         train_x, _, _ = load_split(prepared_dir, "train", cfg.img_size)
+        store = None
+        if resume_dir is not None:  # a killed training continues from its last epoch
+            code = [p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))]
+            store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "teacher"),
+                                                        file_sha256(Path(prepared_dir) / "index.json"), *code))  # fmt: skip
         torch.manual_seed(cfg.train.seed)
-        vit, stats = train_ibot(teacher_vit(cfg), train_x, cfg.train, device, log_step, max_steps)
+        vit, stats = train_ibot(teacher_vit(cfg), train_x, cfg.train, device, log_step, max_steps, store, curve_rows)
         metrics["train"] = stats
         del train_x
 
@@ -107,5 +115,7 @@ def build_teacher(
         save_backbone(vit, tmp / CHECKPOINT_NAME, dtype=getattr(torch, cfg.save_dtype))
         (tmp / "config.json").write_bytes(resolved_config(cfg, "teacher"))
     metrics["checkpoint_sha256"] = file_sha256(Path(out_dir) / CHECKPOINT_NAME)
+    if cfg.init == "train" and resume_dir is not None:
+        ResumeStore(resume_dir, "").clear()  # the outputs are written: nothing to resume
     D.cleanup()
     return metrics

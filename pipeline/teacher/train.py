@@ -1,4 +1,9 @@
-"""Training loop of the in-pipeline iBOT teacher (single process; images held in memory)."""
+"""Training loop of the in-pipeline iBOT teacher (single process; images held in memory).
+
+With a :class:`~pipeline.resume.ResumeStore`, the whole training state (student, EMA teacher, the
+loss's centres, optimiser, both generators, the curves) is saved at every epoch end, and a killed
+run continues from the last good epoch to the same weights, bit for bit on CPU, as an unbroken run.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
 from pipeline.config.teacher import TeacherTrainConfig
+from pipeline.resume import ResumeStore
 from pipeline.data.images import normalize
 from pipeline.teacher.augment import block_masks, jitter, random_resized_crop
 from pipeline.teacher.ibot import (
@@ -36,11 +42,14 @@ def train_ibot(
     device: torch.device,
     log_step: Optional[Callable[[int, dict], None]] = None,
     max_steps: Optional[int] = None,
+    store: Optional[ResumeStore] = None,
+    curve_rows: Optional[list] = None,
 ) -> tuple[VisionTransformer, dict]:
     """Train ``backbone`` with the iBOT objective; returns the EMA teacher's backbone and final stats.
 
     ``log_step(step, stats)`` is called once per epoch with the epoch's mean stats. ``max_steps``
-    stops early (tests); the schedules still span ``cfg.epochs``.
+    stops early (tests); the schedules still span ``cfg.epochs``. ``store``: resume from / save to it at
+    epoch ends; ``curve_rows``: the list ``log_step`` accumulates into, saved and restored with it.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -65,9 +74,21 @@ def train_ibot(
     images = images.to(device)
     last_layer = [p for name, p in student.named_parameters() if name.startswith("head.last_layer")]
 
-    step, epoch_stats, stats = 0, [], {}
-    bar = tqdm(total=min(total, max_steps or total), desc="train teacher (iBOT)", unit="step", mininterval=2.0)
-    for epoch in range(cfg.epochs):
+    step, epoch_stats, stats, start_epoch = 0, [], {}, 0
+    state = store.load() if store is not None else None
+    if state is not None:
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        criterion.load_state_dict(state["criterion"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        rng.bit_generator.state = state["numpy_generator"]
+        start_epoch, step, stats = int(state["epoch"]), int(state["step"]), dict(state["stats"])
+        if curve_rows is not None:
+            curve_rows[:] = state["curves"]
+    bar = tqdm(total=min(total, max_steps or total), initial=step, desc="train teacher (iBOT)", unit="step",
+               mininterval=2.0)  # fmt: skip
+    for epoch in range(start_epoch, cfg.epochs):
         order = torch.randperm(n, generator=gen)
         for b in range(steps_per_epoch):
             if max_steps is not None and step >= max_steps:
@@ -123,6 +144,11 @@ def train_ibot(
                 log_step(step, stats)
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 4) for k, v in stats.items()})
             epoch_stats = []
+            if store is not None and (max_steps is None or step < max_steps):
+                store.save({"student": student.state_dict(), "teacher": teacher.state_dict(),
+                            "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
+                            "generator": gen.get_state(), "numpy_generator": rng.bit_generator.state,
+                            "epoch": epoch + 1, "step": step, "stats": stats, "curves": list(curve_rows or [])})  # fmt: skip
         if max_steps is not None and step >= max_steps:
             break
     bar.close()
