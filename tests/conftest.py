@@ -124,3 +124,18 @@ def make_part_shards(root: Path, n_train: int = 96, n_val: int = 16, size: int =
 @pytest.fixture
 def part_shards(tmp_path: Path) -> Path:
     return make_part_shards(tmp_path / "part_shards")
+
+
+def sigkill_after_first_checkpoint(proc, checkpoint: Path, output: Path, timeout: float = 120) -> None:
+    """SIGKILL the stage process ``proc`` as soon as ``checkpoint`` (its first resume state) exists, and
+    check that it died before writing ``output`` (else the test proved nothing)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert checkpoint.exists(), f"{checkpoint} never appeared"
+    assert not output.exists(), "the run finished before it could be killed"

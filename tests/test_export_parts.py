@@ -173,12 +173,10 @@ def test_random_teacher_method_reads_its_own_random_vit(stages, tmp_path):
 
 def test_killed_part_learner_training_resumes_to_the_same_parts(stages, tmp_path):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
-    from conftest import write_params
+    from conftest import sigkill_after_first_checkpoint, write_params
 
     write_params(tmp_path / "params.yaml", parts={**PARTS, "epochs": 20})
     bin_dir = Path(sys.executable).parent
@@ -196,12 +194,7 @@ def test_killed_part_learner_training_resumes_to_the_same_parts(stages, tmp_path
     run("unbroken")
     proc = run("broken", wait=False)
     last = tmp_path / "broken" / "resume" / "method" / "last.pth"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert last.exists() and not (tmp_path / "broken" / "out").exists(), "killed too late"
+    sigkill_after_first_checkpoint(proc, last, tmp_path / "broken" / "out")
     run("broken")
     for rel in (f"out/{PARTS_CHECKPOINT}", "m.json", "c.tsv"):
         assert (tmp_path / "broken" / rel).read_bytes() == (tmp_path / "unbroken" / rel).read_bytes(), rel

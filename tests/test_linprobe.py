@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_params
+from conftest import sigkill_after_first_checkpoint, write_params
 from pipeline.config.linprobe import LinprobeConfig
 from pipeline.eval.lars import LARS
 from pipeline.eval.linprobe import probe_features, train_probe
@@ -122,9 +122,6 @@ def test_report_names_a_missing_metrics_file(tmp_path):
 
 def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
     import os
-    import signal
-    import time
-
     from pipeline.config import PrepareConfig
     from pipeline.data.prepare import prepare_dataset
     from pipeline.models.checkpoint import build_vit, save_backbone
@@ -150,12 +147,7 @@ def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
     run("unbroken")
     proc = run("broken", wait=False)
     last = tmp_path / "broken" / "resume" / "last.pth"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert last.exists() and not (tmp_path / "broken" / "out").exists(), "killed too late"
+    sigkill_after_first_checkpoint(proc, last, tmp_path / "broken" / "out")
     run("broken")
     for rel in ("out/head.pth", "m.json", "c.tsv"):
         assert (tmp_path / "broken" / rel).read_bytes() == (tmp_path / "unbroken" / rel).read_bytes(), rel

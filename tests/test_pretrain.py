@@ -3,10 +3,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import PART_COLOURS, make_part_shards, write_params
+from conftest import PART_COLOURS, make_part_shards, sigkill_after_first_checkpoint, write_params
 from pipeline.config import ConfigError, PretrainConfig, load_pretrain_config
 from pipeline.data.shards import ShardFormatError, shard_paths
 from pipeline.mae.data import joint_crop, make_loader, sample_crop
@@ -216,14 +214,7 @@ def test_stage_writes_timm_encoder_figures_and_curves(tmp_path, part_shards):
 
 def kill_after_first_checkpoint(tmp_path: Path, part_shards: Path, name: str, **overrides) -> None:
     proc = run_stage(tmp_path, part_shards, name, wait=False, **overrides)
-    last = tmp_path / name / "resume" / "last.pth"
-    deadline = time.monotonic() + 240
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # right after the first epoch's checkpoint
-    proc.wait(timeout=30)
-    assert not (tmp_path / name / "out").exists(), "the run finished before it could be killed"
-    assert last.exists()
+    sigkill_after_first_checkpoint(proc, tmp_path / name / "resume" / "last.pth", tmp_path / name / "out")
 
 
 def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path, part_shards):

@@ -172,10 +172,7 @@ def run_teacher(cwd, name: str, wait: bool = True):
 
 
 def test_killed_teacher_training_resumes_to_the_same_teacher(prepared, tmp_path):
-    import signal
-    import time
-
-    from conftest import write_params
+    from conftest import sigkill_after_first_checkpoint, write_params
 
     write_params(tmp_path / "params.yaml", teacher={**TINY, "init": "train", "eval_batch_size": 64, "train": {
         "epochs": 8, "batch_size": 16, "local_size": 8, "out_dim": 16, "head_hidden_dim": 32, "head_bottleneck_dim": 8,
@@ -183,12 +180,7 @@ def test_killed_teacher_training_resumes_to_the_same_teacher(prepared, tmp_path)
     run_teacher(tmp_path, "unbroken")
     proc = run_teacher(tmp_path, "broken", wait=False)
     last = tmp_path / "broken" / "resume" / "last.pth"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)  # right after the first epoch's checkpoint
-    proc.wait(timeout=30)
-    assert last.exists() and not (tmp_path / "broken" / "out").exists(), "killed too late"
+    sigkill_after_first_checkpoint(proc, last, tmp_path / "broken" / "out")
     run_teacher(tmp_path, "broken")
     for rel in ("out/checkpoint_teacher.pth", "m.json", "c.tsv"):
         assert (tmp_path / "broken" / rel).read_bytes() == (tmp_path / "unbroken" / rel).read_bytes(), rel
