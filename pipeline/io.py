@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from typing import Any, Iterator
 from pipeline.errors import PipelineError
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_output_dir", "json_bytes", "file_sha256",
-           "ensure_free_space", "OutOfSpaceError"]
+           "ensure_free_space", "OutOfSpaceError", "remove_stale_temporaries"]
 
 SPACE_MARGIN = 64 << 20  # bytes kept free beyond the estimate (filesystem metadata, logs)
 
@@ -31,10 +32,34 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` siblings of ``path`` left by a killed
+    writer (its pid no longer runs): a SIGKILL cannot run cleanup code, and at ImageNet scale an
+    orphaned temporary shard directory is tens of GB."""
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        kind, _, pid = sibling.name[len(path.name) + 2 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if sibling.is_dir():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary sibling, fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -78,6 +103,7 @@ def atomic_output_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
