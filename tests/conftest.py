@@ -139,3 +139,18 @@ def sigkill_after_first_checkpoint(proc, checkpoint: Path, output: Path, timeout
     proc.wait(timeout=30)
     assert checkpoint.exists(), f"{checkpoint} never appeared"
     assert not output.exists(), "the run finished before it could be killed"
+
+
+def run_semmae(cwd: Path, *args: str, wait: bool = True):
+    """Run ``semmae <args>`` in ``cwd`` on one thread: to completion (asserting success), or started in
+    the background (``wait=False``, returns the Popen) for a test that kills it."""
+    import subprocess
+    import sys
+
+    cmd = [str(Path(sys.executable).parent / "semmae"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res

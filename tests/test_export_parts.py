@@ -172,24 +172,15 @@ def test_random_teacher_method_reads_its_own_random_vit(stages, tmp_path):
 
 
 def test_killed_part_learner_training_resumes_to_the_same_parts(stages, tmp_path):
-    import os
-    import subprocess
-    import sys
 
-    from conftest import sigkill_after_first_checkpoint, write_params
+    from conftest import run_semmae, sigkill_after_first_checkpoint, write_params
 
     write_params(tmp_path / "params.yaml", parts={**PARTS, "epochs": 20})
-    bin_dir = Path(sys.executable).parent
 
     def run(name: str, wait: bool = True):
-        args = [str(bin_dir / "semmae"), "train_parts", "--prepared", "prepared", "--teacher", "teacher", "--features",
-                "features", "--out", f"{name}/out", "--metrics", f"{name}/m.json", "--curves", f"{name}/c.tsv",
-                "--figure", f"{name}/f.png", "--resume", f"{name}/resume"]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if not wait:
-            return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
+        return run_semmae(tmp_path, "train_parts", "--prepared", "prepared", "--teacher", "teacher", "--features",
+                          "features", "--out", f"{name}/out", "--metrics", f"{name}/m.json", "--curves", f"{name}/c.tsv",
+                          "--figure", f"{name}/f.png", "--resume", f"{name}/resume", wait=wait)  # fmt: skip
 
     run("unbroken")
     proc = run("broken", wait=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import sigkill_after_first_checkpoint, write_params
+from conftest import run_semmae, sigkill_after_first_checkpoint, write_params
 from pipeline.config.linprobe import LinprobeConfig
 from pipeline.eval.lars import LARS
 from pipeline.eval.linprobe import probe_features, train_probe
@@ -121,7 +121,6 @@ def test_report_names_a_missing_metrics_file(tmp_path):
 
 
 def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
-    import os
     from pipeline.config import PrepareConfig
     from pipeline.data.prepare import prepare_dataset
     from pipeline.models.checkpoint import build_vit, save_backbone
@@ -136,13 +135,9 @@ def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
     write_params(tmp_path / "params.yaml", linprobe={"epochs": 150, "warmup_epochs": 10, "batch_size": 16})
 
     def run(name: str, wait: bool = True):
-        args = [str(BIN / "semmae"), "linprobe", "--prepared", "prepared", "--pretrained", "enc", "--out", f"{name}/out",
-                "--metrics", f"{name}/m.json", "--curves", f"{name}/c.tsv", "--resume", f"{name}/resume"]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if not wait:
-            return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
+        return run_semmae(tmp_path, "linprobe", "--prepared", "prepared", "--pretrained", "enc", "--out", f"{name}/out",
+                          "--metrics", f"{name}/m.json", "--curves", f"{name}/c.tsv", "--resume", f"{name}/resume",
+                          wait=wait)  # fmt: skip
 
     run("unbroken")
     proc = run("broken", wait=False)

@@ -156,19 +156,10 @@ def test_teacher_stage_loads_a_checkpoint_and_fails_early_on_a_bad_one(prepared,
 
 
 def run_teacher(cwd, name: str, wait: bool = True):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_semmae
 
-    bin_dir = Path(sys.executable).parent
-    args = [str(bin_dir / "semmae"), "teacher", "--prepared", "prepared", "--out", f"{name}/out", "--metrics",
-            f"{name}/m.json", "--curves", f"{name}/c.tsv", "--resume", f"{name}/resume"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    return run_semmae(cwd, "teacher", "--prepared", "prepared", "--out", f"{name}/out", "--metrics", f"{name}/m.json",
+                      "--curves", f"{name}/c.tsv", "--resume", f"{name}/resume", wait=wait)
 
 
 def test_killed_teacher_training_resumes_to_the_same_teacher(prepared, tmp_path):

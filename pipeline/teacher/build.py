@@ -79,11 +79,11 @@ def build_teacher(
         raise CheckpointError("teacher.init: train runs in one process (the images are held in memory): run the "
                               "teacher stage without torchrun; its k-NN check of a checkpoint does use every rank")  # fmt: skip
     metrics: dict = {"init": cfg.init}
+    store: Optional[ResumeStore] = None
     if cfg.init == "checkpoint":
         metrics["source_sha256"] = file_sha256(cfg.checkpoint)
     else:  # the in-pipeline teacher trains on the train split held in memory (small datasets)
         train_x, _, _ = load_split(prepared_dir, "train", cfg.img_size)
-        store = None
         if resume_dir is not None:  # a killed training continues from its last epoch
             code = [p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))]
             store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "teacher"),
@@ -115,7 +115,7 @@ def build_teacher(
         save_backbone(vit, tmp / CHECKPOINT_NAME, dtype=getattr(torch, cfg.save_dtype))
         (tmp / "config.json").write_bytes(resolved_config(cfg, "teacher"))
     metrics["checkpoint_sha256"] = file_sha256(Path(out_dir) / CHECKPOINT_NAME)
-    if cfg.init == "train" and resume_dir is not None:
-        ResumeStore(resume_dir, "").clear()  # the outputs are written: nothing to resume
+    if store is not None:
+        store.clear()  # the outputs are written: nothing to resume
     D.cleanup()
     return metrics
