@@ -25,8 +25,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.semmae-installed 2>/dev/null)" != "$want" ]; then
+  # torch's CUDA build (what pip resolves on x86_64) takes ~5.5 GB in the venv: say so up front
+  # instead of letting pip die half-way through with "No space left on device".
+  need_gb=${SEMMAE_SETUP_NEED_GB:-7}
+  avail_kb=$(df -Pk .venv | awk 'NR==2 {print $4}')
+  if [ -n "$avail_kb" ] && [ "$avail_kb" -lt $((need_gb * 1024 * 1024)) ]; then
+    say "only $((avail_kb / 1024 / 1024)) GB free on the filesystem of $PWD/.venv; installing torch (CUDA build) and the rest needs ~${need_gb} GB. Free some space, or clone the project onto a larger disk, and run again."
+    exit 1
+  fi
   say "installing the project and its dependencies into .venv (a few minutes the first time; log: .venv/pip.log)"
-  if ! .venv/bin/python -m pip install --disable-pip-version-check -e ".[test]" >.venv/pip.log 2>&1; then
+  if ! .venv/bin/python -m pip install --disable-pip-version-check --no-cache-dir -e ".[test]" >.venv/pip.log 2>&1; then
     grep -v '^WARNING: Location' .venv/pip.log | tail -n 40 >&2
     say "pip install failed (full log: .venv/pip.log)"
     exit 1
