@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +32,7 @@ from pipeline import distributed as D
 from pipeline.config.base import resolved_config
 from pipeline.config.extract import ExtractConfig
 from pipeline.data.images import normalize, to_square
-from pipeline.data.shards import decode_image, iter_samples, read_index, select_ordinals
+from pipeline.data.shards import decode_image, iter_samples, read_index, select_ordinals, shard_entries
 from pipeline.errors import PipelineError
 from pipeline.io import ensure_free_space, json_bytes
 from pipeline.sharded import run_sharded
@@ -42,6 +43,8 @@ __all__ = ["FEATURES_FORMAT", "FeatureError", "extract_features", "read_features
 FEATURES_FORMAT = "semmae-features/1"
 log = logging.getLogger(__name__)
 
+
+FEATURE_FILE = re.compile(r"^(train|val)-[0-9]{6}\.arrow$")
 
 class FeatureError(PipelineError):
     """Feature shards are missing, inconsistent or from another teacher."""
@@ -73,7 +76,7 @@ def _batch(keys: list[str], labels: list[int], cls: np.ndarray, patches: np.ndar
 
 
 @torch.no_grad()
-def _extract_shard(vit, shard: Path, wanted: Optional[set[int]], first_ordinal: int, out: Path,
+def _extract_shard(vit, shard: str, count: int, wanted: Optional[set[int]], first_ordinal: int, out: Path,
                    schema: pa.Schema, img_size: int, batch_size: int, device: torch.device, bar) -> int:  # fmt: skip
     prefix = vit.num_prefix_tokens
     rows = 0
@@ -89,10 +92,10 @@ def _extract_shard(vit, shard: Path, wanted: Optional[set[int]], first_ordinal: 
             bar.update(len(buf))
             buf.clear()
 
-        for i, sample in enumerate(iter_samples([str(shard)])):
+        for i, sample in enumerate(iter_samples([shard], [count])):
             if wanted is not None and first_ordinal + i not in wanted:
                 continue
-            buf.append((sample["__key__"], sample["cls"], to_square(decode_image(sample["image"]), img_size)))
+            buf.append((sample["__key__"], sample["cls"], to_square(decode_image(sample["image"], where=sample["where"]), img_size)))
             rows += 1
             if len(buf) == batch_size:
                 flush()
@@ -116,21 +119,21 @@ def extract_features(cfg: ExtractConfig, prepared_dir: str | Path, teacher_dir: 
 
     jobs, sizes = [], []
     for split in cfg.splits:
-        shards = index["splits"][split]["shards"]
+        shards = shard_entries(prepared_dir, split)  # names and sizes checked before any compute
         wanted = select_ordinals(index["splits"][split]["num_samples"], cfg.limit, cfg.seed, split)
-        first = np.cumsum([0] + [s["num_samples"] for s in shards])
+        first = np.cumsum([0] + [s.num_samples for s in shards])
         counts = np.diff(first if wanted is None else np.searchsorted(np.sort(list(wanted)), first))
         for j, shard in enumerate(shards):
-            jobs.append((split, shard["file"], wanted, int(first[j])))
+            jobs.append((split, shard, wanted, int(first[j])))
             sizes.append(int(counts[j]))
     tokens = grid[0] * grid[1] + 1
     ensure_free_space(out_dir, sum(sizes) * tokens * vit.embed_dim * 2 + 4096 * len(jobs), "the feature shards (extract.limit)")
 
     def work(job, tmp: Path, bar) -> None:
-        split, name, wanted, first = job
+        split, shard, wanted, first = job
         (tmp / split).mkdir(exist_ok=True)
-        out = tmp / split / name.replace(".tar", ".arrow")
-        _extract_shard(vit, prepared_dir / split / name, wanted, first, out, schema, tcfg.img_size, cfg.batch_size, device, bar)
+        out = tmp / split / shard.file.replace(".tar", ".arrow")
+        _extract_shard(vit, shard.path, shard.num_samples, wanted, first, out, schema, tcfg.img_size, cfg.batch_size, device, bar)
 
     def finalize(tmp: Path) -> dict:
         splits = {}
@@ -159,8 +162,20 @@ def load_features(features_dir: str | Path, split: str) -> dict[str, np.ndarray]
         raise FeatureError(f"{features_dir}/index.json has no split {split!r} (has {sorted(index['splits'])})")
     tables = []
     for f in index["splits"][split]["files"]:
-        with pa.memory_map(str(features_dir / split / f["file"])) as src:
-            tables.append(pa.ipc.open_file(src).read_all())
+        name = f.get("file") if isinstance(f, dict) else None
+        if not isinstance(name, str) or not FEATURE_FILE.match(name) or not name.startswith(split):
+            raise FeatureError(f"{features_dir}/index.json: file name {name!r} in split {split!r} is not of the form "
+                               f"{split}-NNNNNN.arrow; the index is corrupt (rerun dvc repro extract)")  # fmt: skip
+        path = features_dir / split / name
+        try:
+            with pa.memory_map(str(path)) as src:
+                tables.append(pa.ipc.open_file(src).read_all())
+        except (OSError, pa.ArrowException) as exc:
+            raise FeatureError(f"feature shard {path} is unreadable ({exc}): restore it (dvc checkout {features_dir}) "
+                               "or rerun dvc repro extract") from None
+        if tables[-1].num_rows != f.get("num_rows"):
+            raise FeatureError(f"feature shard {path} holds {tables[-1].num_rows} rows, index.json records "
+                               f"{f.get('num_rows')}: restore it (dvc checkout {features_dir}) or rerun dvc repro extract")
     table = pa.concat_tables(tables)
     dim = index["teacher"]["dim"]
 

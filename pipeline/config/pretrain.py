@@ -76,6 +76,14 @@ class PretrainConfig(StageConfig):
         "JPEGs are decoded (nvJPEG on CUDA) and cropped on the training device (pipeline/mae/decode.py).",
     )
     # runtime
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail", description="A corrupt sample or truncated shard: fail naming the shard and sample key, or skip it, "
+        "count it in the metrics (skipped_samples) and fail only past max_skip_fraction."
+    )  # fmt: skip
+    max_skip_fraction: float = Field(
+        0.001, ge=0.0, le=1.0, description="With on_corrupt=skip: fail when the skipped share of the samples read "
+        "so far exceeds this (checked at every epoch end)."
+    )  # fmt: skip
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile the model (worth it on GPUs for long runs).")
     checkpoint_every: int = Field(1, gt=0, description="Epochs between resume checkpoints (the last epoch always).")

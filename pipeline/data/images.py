@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.shards import decode_image, iter_samples, read_index, shard_paths
+from pipeline.data.shards import decode_image, iter_samples, read_index, shard_entries
 
 __all__ = ["to_square", "load_split", "IMAGENET_MEAN", "IMAGENET_STD", "normalize"]
 
@@ -33,8 +33,9 @@ def to_square(img: Image.Image, size: int) -> np.ndarray:
 
 def iter_split(shard_dir: Union[str, Path], split: str, size: int) -> Iterator[tuple[str, np.ndarray, int]]:
     """``(key, uint8 [3, size, size], label)`` for every sample of ``split``, in shard order."""
-    for s in iter_samples(shard_paths(shard_dir, split)):
-        yield s["__key__"], to_square(decode_image(s["image"]), size), s["cls"]
+    entries = shard_entries(shard_dir, split)
+    for s in iter_samples([e.path for e in entries], [e.num_samples for e in entries]):
+        yield s["__key__"], to_square(decode_image(s["image"], where=s["where"]), size), s["cls"]
 
 
 def load_split(shard_dir: Union[str, Path], split: str, size: int, desc: str = "") -> tuple[torch.Tensor, torch.Tensor, list[str]]:

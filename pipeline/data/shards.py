@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
@@ -34,11 +36,15 @@ __all__ = [
     "write_shards",
     "write_tar",
     "iter_raw_samples",
+    "iter_shard",
     "read_index",
+    "ShardEntry",
+    "shard_entries",
     "shard_paths",
     "iter_samples",
     "decode_sample",
     "decode_image",
+    "image_error",
 ]
 
 INDEX_FORMAT = "semmae-shards/1"
@@ -112,34 +118,71 @@ def read_index(shard_dir: Union[str, Path], fmt: str = INDEX_FORMAT) -> dict:
 SHARD_NAME = re.compile(r"^(train|val)-[0-9]{6}\.tar$")
 
 
-def shard_paths(shard_dir: Union[str, Path], split: str, fmt: str = INDEX_FORMAT, url: Optional[str] = None) -> list[str]:
-    """The shard files of ``split``, in index order; each must exist.
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard of a split as ``index.json`` records it: where to read it, its checked file name, how
+    many samples it holds and (when recorded) its size in bytes."""
+
+    path: str
+    file: str
+    num_samples: int
+    bytes: Optional[int]
+
+
+def shard_entries(shard_dir: Union[str, Path], split: str, fmt: str = INDEX_FORMAT, url: Optional[str] = None,
+                  check_sizes: bool = True) -> list[ShardEntry]:  # fmt: skip
+    """The shards of ``split`` in index order, each checked before anything is read from it.
+
+    Shard names from ``index.json`` must look like ``train-000000.tar`` (nothing read from data reaches
+    a path or a shell unchecked) and counts must be integers. Local shards must exist and, with
+    ``check_sizes``, have the size the index records: tarfile's stream reader ends a truncated tar
+    early *without an error*, so this is what turns a shard cut short by a full disk or an interrupted
+    copy into an error before any compute (all mismatches listed at once).
 
     ``url``: read the shards from a WebDataset URL template instead of ``shard_dir`` (which then only
     needs ``index.json``): ``{path}`` is replaced by ``<split>/<file>``, e.g.
-    ``pipe:aws s3 cp s3://bucket/part_shards/{path} -`` or ``https://host/part_shards/{path}``.
-    Shard names from ``index.json`` must look like ``train-000000.tar`` (nothing read from data reaches
-    a path or a shell unchecked)."""
+    ``pipe:aws s3 cp s3://bucket/part_shards/{path} -`` or ``https://host/part_shards/{path}``; their
+    sizes cannot be checked up front, :func:`iter_shard` counts their samples instead."""
     shard_dir = Path(shard_dir)
     index = read_index(shard_dir, fmt)
     if split not in index["splits"]:
         raise ShardFormatError(f"{shard_dir}/index.json has no split {split!r} (has {sorted(index['splits'])})")
-    names = [s.get("file") if isinstance(s, dict) else None for s in index["splits"][split]["shards"]]
-    for name in names:
+    entries = []
+    for s in index["splits"][split].get("shards", []):
+        name = s.get("file") if isinstance(s, dict) else None
         if not isinstance(name, str) or not SHARD_NAME.match(name) or not name.startswith(split):
             raise ShardFormatError(
                 f"{shard_dir}/index.json: shard name {name!r} in split {split!r} is not of the form "
                 f"{split}-NNNNNN.tar; the index is corrupt or not written by this pipeline (rerun its stage)"
             )
+        count, size = s.get("num_samples"), s.get("bytes")
+        if type(count) is not int or count < 0 or not (size is None or (type(size) is int and size >= 0)):
+            raise ShardFormatError(f"{shard_dir}/index.json: shard {name}: num_samples={count!r} / bytes={size!r} "
+                                   "must be non-negative integers; the index is corrupt (rerun its stage)")  # fmt: skip
+        entries.append(ShardEntry(str(shard_dir / split / name), name, count, size))
     if url is not None:
         if "{path}" not in url:
             raise ShardFormatError(f"shard URL template {url!r} has no '{{path}}' placeholder (e.g. https://host/dir/{{path}})")
-        return [url.replace("{path}", f"{split}/{name}") for name in names]
-    paths = [shard_dir / split / name for name in names]
-    for p in paths:
+        return [ShardEntry(url.replace("{path}", f"{split}/{e.file}"), e.file, e.num_samples, e.bytes) for e in entries]
+    bad = []
+    for e in entries:
+        p = Path(e.path)
         if not p.is_file():
             raise ShardFormatError(f"shard {p} listed in {shard_dir}/index.json is missing")
-    return [str(p) for p in paths]
+        if check_sizes and e.bytes is not None and p.stat().st_size != e.bytes:
+            bad.append(f"{p} is {p.stat().st_size} bytes, index.json records {e.bytes}")
+    if bad:
+        raise ShardFormatError(
+            f"{len(bad)} shard(s) of {shard_dir} are truncated or were replaced: " + "; ".join(bad[:5])
+            + ("; ..." if len(bad) > 5 else "") + f". Restore them with `dvc checkout {shard_dir}` (or `dvc pull`), "
+            "or rerun the stage that wrote them."
+        )  # fmt: skip
+    return entries
+
+
+def shard_paths(shard_dir: Union[str, Path], split: str, fmt: str = INDEX_FORMAT, url: Optional[str] = None) -> list[str]:
+    """The shard files (or URLs) of ``split``, in index order, checked as :func:`shard_entries` does."""
+    return [e.path for e in shard_entries(shard_dir, split, fmt, url)]
 
 
 def select_ordinals(total: int, limit: Optional[int], seed: int, split: str) -> Optional[set[int]]:
@@ -150,10 +193,21 @@ def select_ordinals(total: int, limit: Optional[int], seed: int, split: str) -> 
     return set(rng.choice(total, size=limit, replace=False).tolist())
 
 
-def decode_image(data: bytes, mode: str = "RGB") -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert(mode) if mode and img.mode != mode else img
+def decode_image(data: bytes, mode: str = "RGB", where: str = "image") -> Image.Image:
+    """Decode image bytes (converted to ``mode`` unless empty); :class:`ShardFormatError` naming ``where``
+    (``decode_sample``'s ``"sample <key> in <shard>"``) when they do not decode."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert(mode) if mode and img.mode != mode else img
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's ways of saying "broken"
+        raise ShardFormatError(f"{where}: undecodable image ({image_error(exc)})") from None
+
+
+def image_error(exc: BaseException) -> str:
+    """PIL's message without object addresses (``<_io.BytesIO object at 0x...>``): the same damage gives
+    the same text, run after run."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image bytes", str(exc)) or type(exc).__name__
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +227,8 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         raise ShardFormatError(f"{where}: missing entry {exc.args[0]!r}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ShardFormatError(f"{where}: malformed cls/json entry ({exc})") from None
-    out = {"__key__": key, "__url__": url, "image": sample[image_keys[0]], "ext": image_keys[0], "cls": label}
+    out = {"__key__": key, "__url__": url, "image": sample[image_keys[0]], "ext": image_keys[0], "cls": label,
+           "where": where}
     out["json"] = meta
     if "parts.npy" in sample:
         try:
@@ -183,12 +238,37 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def iter_raw_samples(paths: list[str]) -> Iterator[dict[str, Any]]:
-    """Iterate undecoded samples (bytes per entry) of ``paths`` in order (single process, no shuffling)."""
-    yield from wds.WebDataset(paths, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+def iter_shard(path: str, expected: Optional[int] = None) -> Iterator[dict[str, Any]]:
+    """The undecoded samples (bytes per entry) of one shard, in order.
+
+    Raises :class:`ShardFormatError` naming the shard and the last sample read when the tar cannot be
+    read on, or, with ``expected`` (the index's count), when it ends after a different number of
+    samples: a truncated tar otherwise just ends early. A sample cut in half by the truncation comes
+    out with entries missing, which :func:`decode_sample` reports by key."""
+    n, last = 0, None
+    stream = wds.WebDataset([path], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    try:
+        for sample in stream:
+            n, last = n + 1, sample.get("__key__")
+            yield sample
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        why = exc.args[0] if exc.args else type(exc).__name__  # webdataset appends its file object to args
+        raise ShardFormatError(f"shard {path}: unreadable after {n} sample(s) (last key {last!r}): {why}. It is "
+                               "corrupt or truncated: restore it (dvc checkout / dvc pull) or rerun its stage") from None
+    if expected is not None and n != expected:
+        raise ShardFormatError(f"shard {path}: ended after {n} sample(s) (last key {last!r}) but index.json records "
+                               f"{expected}: it is truncated or was replaced; restore it (dvc checkout / dvc pull) or "
+                               "rerun its stage")  # fmt: skip
 
 
-def iter_samples(paths: list[str]) -> Iterator[dict[str, Any]]:
+def iter_raw_samples(paths: list[str], counts: Optional[list[int]] = None) -> Iterator[dict[str, Any]]:
+    """Iterate undecoded samples of ``paths`` in order (single process, no shuffling); ``counts``: the
+    index's sample count of each shard, checked (see :func:`iter_shard`)."""
+    for i, path in enumerate(paths):
+        yield from iter_shard(path, None if counts is None else counts[i])
+
+
+def iter_samples(paths: list[str], counts: Optional[list[int]] = None) -> Iterator[dict[str, Any]]:
     """Iterate decoded samples of ``paths`` in order (single process, no shuffling)."""
-    for sample in iter_raw_samples(paths):
+    for sample in iter_raw_samples(paths, counts):
         yield decode_sample(sample)

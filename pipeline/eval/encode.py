@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from pipeline import distributed as D
 from pipeline.data.images import normalize, to_square
-from pipeline.data.shards import decode_image, iter_samples, read_index, select_ordinals, shard_paths
+from pipeline.data.shards import decode_image, iter_samples, read_index, select_ordinals, shard_entries
 
 __all__ = ["vit_encoder", "pixel_encoder", "encode_splits"]
 
@@ -45,7 +45,7 @@ def pixel_encoder(size: Optional[int] = None) -> Callable[[torch.Tensor], torch.
 
 
 @torch.no_grad()
-def _encode_shard(shard: str, img_size: int, encoders: dict, batch_size: int, keep: Optional[set[int]], first: int,
+def _encode_shard(shard: str, count: int, img_size: int, encoders: dict, batch_size: int, keep: Optional[set[int]], first: int,
                   bar: tqdm) -> tuple[dict[str, torch.Tensor], list[int]]:  # fmt: skip
     out: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
     ys: list[int] = []
@@ -58,10 +58,10 @@ def _encode_shard(shard: str, img_size: int, encoders: dict, batch_size: int, ke
         bar.update(len(batch))
         batch.clear()
 
-    for i, s in enumerate(iter_samples([shard])):
+    for i, s in enumerate(iter_samples([shard], [count])):
         if keep is not None and first + i not in keep:
             continue
-        batch.append(to_square(decode_image(s["image"]), img_size))
+        batch.append(to_square(decode_image(s["image"], where=s["where"]), img_size))
         ys.append(s["cls"])
         if len(batch) == batch_size:
             flush()
@@ -87,8 +87,8 @@ def encode_splits(prepared: str | Path, img_size: int, encoders: dict[str, Calla
     labels: dict[str, torch.Tensor] = {}
     world, rank = D.world_size(), D.rank()
     for split in ("train", "val"):
-        shards = shard_paths(prepared, split)
-        counts = [s["num_samples"] for s in index["splits"][split]["shards"]]
+        entries = shard_entries(prepared, split)
+        shards, counts = [e.path for e in entries], [e.num_samples for e in entries]
         keep = select_ordinals(sum(counts), limit, seed, split)
         firsts = np.cumsum([0, *counts[:-1]]).tolist()
         sizes = [c if keep is None else sum(1 for i in range(f, f + c) if i in keep) for f, c in zip(firsts, counts)]
@@ -97,7 +97,7 @@ def encode_splits(prepared: str | Path, img_size: int, encoders: dict[str, Calla
         parts: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
         for j, shard in enumerate(shards):
             if j % world == rank:
-                f, ys = _encode_shard(shard, img_size, encoders, batch_size, keep, firsts[j], bar)
+                f, ys = _encode_shard(shard, counts[j], img_size, encoders, batch_size, keep, firsts[j], bar)
                 part = ({n: t.contiguous() for n, t in f.items()}, torch.tensor(ys, dtype=torch.int64))
             else:
                 part = ({}, torch.empty(sizes[j], dtype=torch.int64))

@@ -10,6 +10,13 @@ fixed stream count gives the same batches, crops and masks on 1 GPU or 64 (see P
 Augmentation is MAE's RandomResizedCrop + horizontal flip, applied *jointly*: the part map (which
 covers the image's centred square, as ``export_parts`` computed it) is sampled at the centres of the
 output patches inside the same crop (nearest) and flipped with the image.
+
+Corrupt data (``pretrain.on_corrupt``): a sample that does not decode, lacks an entry, or has a part map
+of the wrong shape or with ids >= N, and a shard that is unreadable or ends before the count its index
+records, fail with the shard and sample key named (``fail``), or are skipped (``skip``): the stream
+draws the next sample instead (a skip consumes none of the stream's random draws, so runs stay
+deterministic and resumable) and reports ``(count, reason)`` with its next item; the training loop
+sums them into the metrics and fails past ``max_skip_fraction``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from pipeline.data.shards import (
     ShardFormatError,
     decode_image,
     decode_sample,
-    iter_raw_samples,
+    image_error,
+    iter_shard,
 )
 
 __all__ = ["Crop", "sample_crop", "joint_crop", "PartShardStream", "PartShardLoader", "make_loader", "stream_count", "crop_parts", "decode_part_sample", "fixed_images"]
@@ -78,9 +86,9 @@ def crop_parts(parts: np.ndarray, side: float, crop: Crop, grid: int, flip: bool
     return np.ascontiguousarray(ids[:, ::-1] if flip else ids)
 
 
-def checked_part_sample(raw: dict, num_parts: int) -> tuple[dict, np.ndarray, str]:
+def checked_part_sample(raw: dict, num_parts: int, grid: Optional[int] = None) -> tuple[dict, np.ndarray, str]:
     """Strictly decode one ``export_parts`` sample but its image: ``(sample, part map uint8 [g, g] with ids
-    < N, 'sample <key> in <shard>' for messages)``."""
+    < N (and g = ``grid`` when given), 'sample <key> in <shard>' for messages)``."""
     s = decode_sample(raw)
     where = f"sample {s['__key__']!r} in {s['__url__']}"
     parts = s.get("parts")
@@ -88,30 +96,29 @@ def checked_part_sample(raw: dict, num_parts: int) -> tuple[dict, np.ndarray, st
         raise ShardFormatError(f"{where}: no parts.npy: these are not export_parts shards (run dvc repro export_parts)")
     if parts.ndim != 2 or parts.shape[0] != parts.shape[1] or parts.dtype != np.uint8:
         raise ShardFormatError(f"{where}: parts.npy must be a square uint8 map, got {parts.dtype} {parts.shape}")
+    if grid is not None and parts.shape != (grid, grid):
+        raise ShardFormatError(f"{where}: parts.npy is {parts.shape[0]}x{parts.shape[1]}, the shard set's grid is "
+                               f"{grid}x{grid}")  # fmt: skip
     if parts.size and int(parts.max()) >= num_parts:
         raise ShardFormatError(f"{where}: parts.npy holds part id {int(parts.max())} >= num_parts={num_parts}")
     return s, parts, where
 
 
-def decode_part_sample(raw: dict, num_parts: int) -> tuple[Image.Image, np.ndarray, int, str]:
+def decode_part_sample(raw: dict, num_parts: int, grid: Optional[int] = None) -> tuple[Image.Image, np.ndarray, int, str]:
     """Strictly decode one ``export_parts`` sample: image, part map ``uint8 [g, g]`` with ids < N, label, key."""
-    s, parts, where = checked_part_sample(raw, num_parts)
-    try:
-        img = decode_image(s["image"], mode="")
-    except OSError as exc:
-        raise ShardFormatError(f"{where}: undecodable image ({exc})") from None
-    return img, parts, s["cls"], s["__key__"]
+    s, parts, where = checked_part_sample(raw, num_parts, grid)
+    return decode_image(s["image"], mode="", where=where), parts, s["cls"], s["__key__"]
 
 
 def _undecoded(s: dict, where: str) -> tuple[bytes | np.ndarray, tuple[int, int]]:
     """``(JPEG bytes | decoded pixels uint8 [3, H, W], (width, height))`` of a sample."""
-    try:
-        if s["ext"] == "jpg":
+    if s["ext"] == "jpg":
+        try:
             return s["image"], header_size(s["image"])
-        img = decode_image(s["image"], mode="")
-        return pixels_chw(img), img.size
-    except OSError as exc:
-        raise ShardFormatError(f"{where}: undecodable image ({exc})") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ShardFormatError(f"{where}: undecodable image ({image_error(exc)})") from None
+    img = decode_image(s["image"], mode="", where=where)
+    return pixels_chw(img), img.size
 
 
 class PartShardStream(IterableDataset):
@@ -130,57 +137,95 @@ class PartShardStream(IterableDataset):
     def __init__(self, shards: Sequence[str], num_parts: int, img_size: int, grid: int, stream_batch: int,
                  items: int, epoch: int, seed: int, streams: Sequence[int], num_streams: int,
                  scale: Sequence[float], ratio: Sequence[float], hflip: float, shuffle_buffer: int,
-                 noise_dim: int, decode: str = "cpu") -> None:  # fmt: skip
+                 noise_dim: int, decode: str = "cpu", counts: Optional[Sequence[int]] = None,
+                 on_corrupt: str = "fail") -> None:  # fmt: skip
         self.shards, self.num_parts, self.img_size, self.grid = list(shards), num_parts, img_size, grid
+        self.counts = list(counts) if counts is not None else [None] * len(self.shards)
+        self.skip = on_corrupt == "skip"
         self.stream_batch, self.items, self.epoch, self.seed = stream_batch, items, epoch, seed
         self.streams, self.num_streams = list(streams), num_streams
         self.scale, self.ratio, self.hflip, self.shuffle_buffer = scale, ratio, hflip, shuffle_buffer
         self.noise_dim, self.decode = noise_dim, decode
 
-    def _samples(self, shards: list[str], rng: np.random.Generator) -> Iterator[dict]:
+    def _samples(self, picks: list[int], rng: np.random.Generator, skipped: list) -> Iterator[dict]:
+        """Raw samples of the shards ``picks``, cycled (reshuffled per pass) through a shuffle buffer."""
         buffer: list[dict] = []
-        while True:  # cycle over this stream's shards, reshuffled per pass
-            for i in rng.permutation(len(shards)):
-                for raw in iter_raw_samples([shards[i]]):
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(raw)
-                        continue
-                    j = int(rng.integers(len(buffer)))
-                    buffer[j], raw = raw, buffer[j]
-                    yield raw
+        while True:
+            read = 0
+            for i in rng.permutation(len(picks)):
+                shard, expected, n = self.shards[picks[i]], self.counts[picks[i]], 0
+                try:
+                    for raw in iter_shard(shard, expected):
+                        n += 1
+                        if len(buffer) < self.shuffle_buffer:
+                            buffer.append(raw)
+                            continue
+                        j = int(rng.integers(len(buffer)))
+                        buffer[j], raw = raw, buffer[j]
+                        yield raw
+                except ShardFormatError as exc:
+                    if not self.skip:
+                        raise
+                    skipped.append((max(1, (expected or 0) - n), str(exc)))  # the samples it should still hold
+                read += n
+            if read == 0:
+                raise ShardFormatError(f"no readable sample in the loader stream's shards {[self.shards[i] for i in picks]}"
+                                       " (all truncated or empty): restore them (dvc checkout / dvc pull) or rerun export_parts")
             rng.shuffle(buffer)
             yield from buffer
             buffer = []
 
-    def _batches(self, stream: int, order: np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _decoded(self, raw: dict) -> tuple:
+        """Everything of a sample that does not take a random draw; raises ShardFormatError when corrupt."""
+        if self.decode == "cpu":
+            img, ids, label, _ = decode_part_sample(raw, self.num_parts, self.grid)
+            return img, ids, label, min(img.size), None
+        s, ids, where = checked_part_sample(raw, self.num_parts, self.grid)
+        data, (w, h) = _undecoded(s, where)
+        return data, ids, s["cls"], min(w, h), (w, h, where)
+
+    def _batches(self, stream: int, order: np.ndarray) -> Iterator[tuple]:
         rng = np.random.default_rng([self.seed, self.epoch, stream])
-        samples = self._samples([self.shards[i] for i in order[stream :: self.num_streams]], rng)
+        picks = [int(i) for i in order[stream :: self.num_streams]]
+        skipped: list[tuple[int, str]] = []
+        samples = self._samples(picks, rng, skipped)
+        budget = max(1, sum(self.counts[i] or 1 for i in picks))  # bad samples in a row before giving up
         while True:
             images, parts, labels, noise = [], [], [], []
             encoded: list[tuple] = []
-            for raw in (next(samples) for _ in range(self.stream_batch)):
-                if self.decode == "cpu":
-                    img, ids, label, _ = decode_part_sample(raw, self.num_parts)
-                    crop = sample_crop(min(img.size), self.scale, self.ratio, rng)
-                    x, p = joint_crop(img, ids, self.img_size, self.grid, crop, bool(rng.random() < self.hflip))
+            bad_in_a_row = 0
+            while len(parts) < self.stream_batch:
+                raw = next(samples)  # outside the try: a stream with nothing readable left fails in any mode
+                try:
+                    data, ids, label, side, jpeg = self._decoded(raw)
+                except ShardFormatError as exc:
+                    if not self.skip:
+                        raise
+                    skipped.append((1, str(exc)))
+                    bad_in_a_row += 1
+                    if bad_in_a_row > budget:
+                        raise ShardFormatError(f"{bad_in_a_row} corrupt samples in a row in the shards "
+                                               f"{[self.shards[i] for i in picks]}; last: {exc}") from None
+                    continue
+                bad_in_a_row = 0
+                crop = sample_crop(side, self.scale, self.ratio, rng)
+                flip = bool(rng.random() < self.hflip)
+                if jpeg is None:
+                    x, p = joint_crop(data, ids, self.img_size, self.grid, crop, flip)
                     images.append(x)
                 else:  # the same draws in the same order; the image is decoded on the training device
-                    s, ids, where = checked_part_sample(raw, self.num_parts)
-                    label = s["cls"]
-                    data, (w, h) = _undecoded(s, where)
-                    side = min(w, h)
-                    crop = sample_crop(side, self.scale, self.ratio, rng)
-                    flip = bool(rng.random() < self.hflip)
+                    w, h, source = jpeg
                     top0, left0 = (h - side) / 2, (w - side) / 2
-                    encoded.append((data, (top0 + crop[0], left0 + crop[1], crop[2], crop[3]), flip, s["__key__"]))
+                    encoded.append((data, (top0 + crop[0], left0 + crop[1], crop[2], crop[3]), flip, source))
                     p = crop_parts(ids, side, crop, self.grid, flip)
                 parts.append(p)
                 labels.append(label)
                 noise.append(rng.random(self.noise_dim, dtype=np.float32))
             batch = EncodedImages.pack(encoded) if encoded else torch.from_numpy(np.stack(images))
-            yield batch, torch.from_numpy(np.stack(parts)), torch.tensor(labels), torch.from_numpy(np.stack(noise))
+            report, skipped[:] = list(skipped), []
+            yield batch, torch.from_numpy(np.stack(parts)), torch.tensor(labels), torch.from_numpy(np.stack(noise)), report
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
@@ -197,10 +242,12 @@ def stream_count(num_streams: Optional[int], num_workers: int) -> int:
 
 class PartShardLoader:
     """One epoch of a rank's micro-batches ``(images, parts, labels, noise)``: ``batches`` of ``batch_size``
-    (rank-local) samples, each the concatenation of one item from each of the rank's streams."""
+    (rank-local) samples, each the concatenation of one item from each of the rank's streams.
+    ``skipped`` collects the ``(count, reason)`` of the corrupt samples skipped so far (on_corrupt=skip)."""
 
     def __init__(self, dataset: PartShardStream, per_batch: int, batches: int, num_workers: int) -> None:
         self.per_batch, self.batches = per_batch, batches
+        self.skipped: list[tuple[int, str]] = []
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                                  pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None)  # fmt: skip
 
@@ -211,6 +258,9 @@ class PartShardLoader:
         items = iter(self.loader)
         for _ in range(self.batches):
             group = [next(items) for _ in range(self.per_batch)]
+            for item in group:
+                self.skipped.extend(item[-1])
+            group = [item[:-1] for item in group]
             if len(group) == 1:
                 yield group[0]
                 continue
@@ -222,9 +272,11 @@ class PartShardLoader:
 def make_loader(shards: Sequence[str], num_parts: int, img_size: int, grid: int, batch_size: int, batches: int,
                 epoch: int, seed: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
                 shuffle_buffer: int, num_workers: int, num_streams: Optional[int] = None,
-                noise_dim: int = 1, decode: str = "cpu") -> PartShardLoader:  # fmt: skip
+                noise_dim: int = 1, decode: str = "cpu", counts: Optional[Sequence[int]] = None,
+                on_corrupt: str = "fail") -> PartShardLoader:  # fmt: skip
     """This rank's ``batches`` micro-batches of ``batch_size`` samples for ``epoch`` (see
-    :class:`PartShardStream`). Fails, naming the keys to change, when the shards, streams, ranks,
+    :class:`PartShardStream`); ``counts``: each shard's sample count from the index (a shard that ends
+    early is truncated). Fails, naming the keys to change, when the shards, streams, ranks,
     workers and batch do not divide."""
     world = D.world_size()
     streams = stream_count(num_streams, num_workers)
@@ -248,19 +300,33 @@ def make_loader(shards: Sequence[str], num_parts: int, img_size: int, grid: int,
         )
     ds = PartShardStream(shards, num_parts, img_size, grid, batch_size // per_rank, batches, epoch, seed,
                          range(D.rank(), streams, world), streams, scale, ratio, hflip, shuffle_buffer, noise_dim,
-                         decode)  # fmt: skip
+                         decode, counts, on_corrupt)  # fmt: skip
     return PartShardLoader(ds, per_rank, batches, num_workers)
 
 
-def fixed_images(shards: Sequence[str], n: int, num_parts: int, img_size: int, grid: int
+def fixed_images(shards: Sequence[str], n: int, num_parts: int, img_size: int, grid: int, skip: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The first ``n`` samples of ``shards`` without augmentation (centred square): images, part maps."""
-    images, parts = [], []
-    for raw in iter_raw_samples(list(shards)):
-        img, ids, _, _ = decode_part_sample(raw, num_parts)
-        x, p = joint_crop(img, ids, img_size, grid, None, False)
-        images.append(x)
-        parts.append(p)
-        if len(images) == n:
-            break
+    """The first ``n`` samples of ``shards`` without augmentation (centred square): images, part maps;
+    ``skip``: pass over corrupt samples and unreadable shards instead of failing."""
+    images: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
+    for shard in shards:
+        try:
+            for raw in iter_shard(shard):
+                try:
+                    img, ids, _, _ = decode_part_sample(raw, num_parts, grid)
+                except ShardFormatError:
+                    if not skip:
+                        raise
+                    continue
+                x, p = joint_crop(img, ids, img_size, grid, None, False)
+                images.append(x)
+                parts.append(p)
+                if len(images) == n:
+                    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(parts))
+        except ShardFormatError:
+            if not skip:
+                raise
+    if not images:
+        raise ShardFormatError(f"no readable validation sample in {list(shards)[:3]}... for the figures")
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(parts))

@@ -30,21 +30,21 @@ class EncodedImages(NamedTuple):
     tensors (one shared-memory block, not one per image): ``blob`` uint8 holds, per image, its JPEG
     bytes or its decoded pixels (``shapes`` [b, 3] = (3, H, W) for those, 0 for JPEGs) between
     ``offsets`` [b + 1]; ``boxes`` [b, 4] float64 (top, left, height, width in the image's pixels),
-    ``flips`` [b] bool, and the sample keys (for error messages)."""
+    ``flips`` [b] bool, and where each sample comes from ("sample <key> in <shard>", for error messages)."""
 
     blob: torch.Tensor
     offsets: torch.Tensor
     shapes: torch.Tensor
     boxes: torch.Tensor
     flips: torch.Tensor
-    keys: list[str]
+    sources: list[str]
 
     def __len__(self) -> int:  # the batch size, like a tensor's len
-        return len(self.keys)
+        return len(self.sources)
 
     @staticmethod
     def pack(items: Sequence[tuple[bytes | np.ndarray, Sequence[float], bool, str]]) -> "EncodedImages":
-        """From ``(JPEG bytes or uint8 [3, H, W] pixels, box, flip, key)`` per image."""
+        """From ``(JPEG bytes or uint8 [3, H, W] pixels, box, flip, source)`` per image."""
         chunks, shapes = [], []
         for data, _, _, _ in items:
             if isinstance(data, np.ndarray):
@@ -70,7 +70,7 @@ def merge(batches: Sequence[EncodedImages]) -> EncodedImages:
     return EncodedImages(torch.cat([b.blob for b in batches]),
                          torch.cat([batches[0].offsets[:1]] + [b.offsets[1:] + int(s) for b, s in zip(batches, starts)]),
                          torch.cat([b.shapes for b in batches]), torch.cat([b.boxes for b in batches]),
-                         torch.cat([b.flips for b in batches]), [k for b in batches for k in b.keys])  # fmt: skip
+                         torch.cat([b.flips for b in batches]), [k for b in batches for k in b.sources])  # fmt: skip
 
 
 def decode_crop(batch: EncodedImages, size: int, device: torch.device) -> torch.Tensor:
@@ -85,12 +85,18 @@ def decode_crop(batch: EncodedImages, size: int, device: torch.device) -> torch.
     if jpeg_idx:
         try:
             decoded = decode_jpeg([parts[i] for i in jpeg_idx], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # find the culprit(s) one by one on the CPU, to name them
             from pipeline.data.shards import ShardFormatError
 
-            keys = [batch.keys[i] for i in jpeg_idx]
-            raise ShardFormatError(f"a JPEG among samples {keys[:3]}... (batch of {len(keys)}) does not decode on "
-                                   f"{device} ({exc}); set pretrain decode: cpu to find it by name") from None
+            bad = []
+            for i in jpeg_idx:
+                try:
+                    decode_jpeg(parts[i], mode=ImageReadMode.RGB)
+                except RuntimeError:
+                    bad.append(batch.sources[i])
+            raise ShardFormatError(f"{'; '.join(bad) or batch.sources[jpeg_idx[0]]}: undecodable JPEG on {device} ({exc}). "
+                                   "Its header parsed in the loader, so pretrain on_corrupt: skip cannot skip it with "
+                                   "decode: device; use decode: cpu to skip it, or repair the shard") from None
         for i, img in zip(jpeg_idx, decoded):
             images[i] = img
     for i, img in enumerate(images):

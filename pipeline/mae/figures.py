@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.config.pretrain import PretrainConfig
 from pipeline.data.images import IMAGENET_MEAN, IMAGENET_STD, normalize
-from pipeline.data.shards import PARTS_FORMAT, shard_paths
+from pipeline.data.shards import PARTS_FORMAT, shard_entries
 from pipeline.mae.data import fixed_images
 from pipeline.figures import overlay, save_grid, upscale
 from pipeline.mae.masking import curriculum_alpha
@@ -84,8 +84,9 @@ def pretrain_figures(model: MaskedAutoencoder, cfg: PretrainConfig, num_parts: i
     from pipeline.mae.train import make_masking, seeded_generator  # train imports this module's callers
 
     figures_dir = Path(figures_dir)
-    images, parts = fixed_images(shard_paths(part_shards, "val", PARTS_FORMAT, url=cfg.shards_url), cfg.num_figure_images, num_parts,
-                                 cfg.img_size, cfg.grid)  # fmt: skip
+    skip = cfg.on_corrupt == "skip"
+    val = [e.path for e in shard_entries(part_shards, "val", PARTS_FORMAT, url=cfg.shards_url, check_sizes=not skip)]
+    images, parts = fixed_images(val, cfg.num_figure_images, num_parts, cfg.img_size, cfg.grid, skip=skip)
     device = next(model.parameters()).device
     parts_d = parts.to(device)
     schedule = curriculum_titles(cfg)  # (title, alpha) at t = 0, T/2, T

@@ -24,7 +24,7 @@ from pipeline import distributed as D
 from pipeline.config.base import resolved_config
 from pipeline.config.pretrain import PretrainConfig
 from pipeline.data.images import normalize
-from pipeline.data.shards import PARTS_FORMAT, ShardFormatError, read_index, shard_paths
+from pipeline.data.shards import PARTS_FORMAT, ShardFormatError, read_index, shard_entries
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_output_dir, atomic_write_bytes, ensure_free_space, file_sha256, json_bytes
 from pipeline.mae.data import make_loader
@@ -118,6 +118,28 @@ def _check_shards(cfg: PretrainConfig, part_shards: Path) -> dict:
     return index
 
 
+def _train_shards(cfg: PretrainConfig, part_shards: Path) -> tuple[list[str], list[int]]:
+    """The train shards and their index counts; a shard whose size differs from the index fails here,
+    before any compute, unless on_corrupt=skip (then its missing samples are counted as they are met)."""
+    try:
+        entries = shard_entries(part_shards, "train", PARTS_FORMAT, url=cfg.shards_url)
+    except ShardFormatError as exc:
+        if cfg.on_corrupt != "skip" or "truncated or were replaced" not in str(exc):
+            raise
+        log.warning("%s (pretrain on_corrupt=skip: reading them anyway)", exc)
+        entries = shard_entries(part_shards, "train", PARTS_FORMAT, url=cfg.shards_url, check_sizes=False)
+    return [e.path for e in entries], [e.num_samples for e in entries]
+
+
+def skip_report(cfg: PretrainConfig, skipped: int, read: int, examples: list[str]) -> Optional[str]:
+    """The error when the skipped share of the samples read so far exceeds ``max_skip_fraction``."""
+    if skipped == 0 or skipped <= cfg.max_skip_fraction * read:
+        return None
+    return (f"pretrain skipped {skipped} corrupt sample(s) of {read} read ({skipped / read:.2%}), more than "
+            f"pretrain.max_skip_fraction={cfg.max_skip_fraction}; first: {examples[:3]}. Repair the part shards "
+            "(`dvc checkout data/part_shards`, `dvc pull`, or `dvc repro -f export_parts`) or raise the limit")
+
+
 def pretrain(
     cfg: PretrainConfig, part_shards: str | Path, out_dir: str | Path, resume_dir: str | Path,
     log_row: Optional[Callable[[int, dict], None]] = None, curve_rows: Optional[list] = None,
@@ -132,7 +154,7 @@ def pretrain(
     part_shards = Path(part_shards)
     index = _check_shards(cfg, part_shards)
     num_parts = int(index["num_parts"])
-    shards = shard_paths(part_shards, "train", PARTS_FORMAT, url=cfg.shards_url)
+    shards, counts = _train_shards(cfg, part_shards)
     n_train = index["splits"]["train"]["num_samples"]
     D.init_distributed()
     device = D.device_for_rank()
@@ -159,6 +181,7 @@ def pretrain(
     store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "pretrain"), file_sha256(part_shards / "index.json"),
                                                 *code))  # fmt: skip
     start_epoch = 0
+    skipped, read, examples = 0, 0, []  # corrupt samples skipped / samples read, over all ranks (on_corrupt=skip)
     state = store.load()  # every rank reads the same file (a shared filesystem under multi-node DDP)
     if state is not None:
         if cfg.loader_streams is None and state.get("world_size") != world:
@@ -167,6 +190,7 @@ def pretrain(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
+        skipped, read, examples = int(state.get("skipped", 0)), int(state.get("read", 0)), list(state.get("skip_examples", []))
         if curve_rows is not None:
             curve_rows[:] = state.get("curves", [])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -181,7 +205,8 @@ def pretrain(
         model.train()
         loader = make_loader(shards, num_parts, cfg.img_size, cfg.grid, micro, steps_per_epoch * cfg.accum_steps,
                              epoch, cfg.seed, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.shuffle_buffer,
-                             cfg.num_workers, cfg.loader_streams, noise_dim, cfg.decode)  # fmt: skip
+                             cfg.num_workers, cfg.loader_streams, noise_dim, cfg.decode, counts,
+                             cfg.on_corrupt)  # fmt: skip
         batches = iter(loader)
         losses, rows = [], []
         for i in range(steps_per_epoch):
@@ -218,6 +243,17 @@ def pretrain(
                 rows.append((step + 1, len(losses) - 1, lr, alpha))
         losses_host = D.mean_over_ranks(torch.stack(losses)).cpu()  # the epoch's one host sync: none in the steps
         epoch_loss = float(losses_host.mean())
+        if cfg.on_corrupt == "skip":
+            local = sum(c for c, _ in loader.skipped)
+            skipped += int(round(float(D.mean_over_ranks(torch.tensor(float(local))) * world)))
+            read += steps_per_epoch * cfg.batch_size
+            examples = (examples + [reason for _, reason in loader.skipped])[:5]  # this rank's first ones
+            if local:
+                log.warning("pretrain epoch %d: skipped %d corrupt sample(s) on rank %d, e.g. %s", epoch + 1, local,
+                            D.rank(), loader.skipped[0][1])  # fmt: skip
+            problem = skip_report(cfg, skipped, read + skipped, examples)
+            if problem:
+                raise TrainingError(problem)
         if log_row is not None and D.is_main():
             for step_no, i, lr, alpha in rows:
                 log_row(step_no, {"loss": float(losses_host[i]), "lr": lr, "alpha": alpha, "epoch": epoch + 1})
@@ -230,7 +266,8 @@ def pretrain(
         last = epoch + 1 == cfg.epochs
         if D.is_main() and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
             store.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                        "curves": list(curve_rows or []), "world_size": world})  # fmt: skip
+                        "curves": list(curve_rows or []), "world_size": world, "skipped": skipped, "read": read,
+                        "skip_examples": examples})  # fmt: skip
         D.barrier()
     bar.close()
 
@@ -238,11 +275,12 @@ def pretrain(
     if D.is_main():
         result = {"variant_masking": cfg.masking, "final_loss": None if math.isnan(epoch_loss) else epoch_loss,
                   "epochs": cfg.epochs, "steps": total_steps, "images_seen": total_steps * cfg.batch_size,
+                  "skipped_samples": skipped, "skipped_examples": examples,
                   "resumed_from_epoch": start_epoch}  # fmt: skip
         meta = {"arch": cfg.arch, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
                 "depth": cfg.depth, "num_heads": cfg.num_heads, "masking": cfg.masking, "seed": cfg.seed,
                 "num_parts": num_parts, "part_shards_index_sha256": file_sha256(part_shards / "index.json"),
-                **{k: v for k, v in result.items() if k != "resumed_from_epoch"}}  # fmt: skip (same bytes resumed or not)
+                **{k: v for k, v in result.items() if k not in ("resumed_from_epoch", "skipped_examples")}}  # fmt: skip (same bytes resumed or not)
         with atomic_output_dir(out_dir) as tmp:
             save_backbone(model.encoder, tmp / "encoder.pth", dtype=torch.float32)
             save_state(model, tmp / "mae.pth")

@@ -32,6 +32,7 @@ from pipeline.data.shards import (
     decode_sample,
     iter_raw_samples,
     read_index,
+    shard_entries,
     write_tar,
 )
 from pipeline.features import FeatureError
@@ -97,29 +98,31 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
         return soft.argmax(1).to(torch.uint8).cpu().numpy()
 
     def work(job, tmp: Path, bar) -> None:
-        split, name = job
+        split, shard = job
         (tmp / split).mkdir(exist_ok=True)
-        raw = list(iter_raw_samples([str(prepared_dir / split / name)]))
+        raw = list(iter_raw_samples([shard.path], [shard.num_samples]))
         ids = []
         for start in range(0, len(raw), cfg.batch_size):
             batch = raw[start : start + cfg.batch_size]
-            ids.append(maps_for([to_square(decode_image(decode_sample(s)["image"]), tcfg.img_size) for s in batch]))
+            decoded = [decode_sample(s) for s in batch]
+            ids.append(maps_for([to_square(decode_image(d["image"], where=d["where"]), tcfg.img_size) for d in decoded]))
             bar.update(len(batch))
         ids = np.concatenate(ids) if ids else np.zeros((0, grid, grid), np.uint8)
         samples = ({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} | {"parts.npy": _npy(m)}
                    for s, m in zip(raw, ids))  # fmt: skip
-        write_tar(tmp / split / name, samples)
+        write_tar(tmp / split / shard.file, samples)
 
-    jobs = [(split, s["file"]) for split in ("train", "val") for s in index["splits"][split]["shards"]]
-    sizes = [s["num_samples"] for split in ("train", "val") for s in index["splits"][split]["shards"]]
+    entries = {split: shard_entries(prepared_dir, split) for split in ("train", "val")}  # checked names and sizes
+    jobs = [(split, e) for split in ("train", "val") for e in entries[split]]
+    sizes = [e.num_samples for _, e in jobs]
 
     def finalize(tmp: Path) -> dict:
         splits = {}
         for split in ("train", "val"):
             shards = []
-            for s in index["splits"][split]["shards"]:
-                path = tmp / split / s["file"]
-                shards.append({"file": s["file"], "num_samples": s["num_samples"], "sha256": file_sha256(path),
+            for e in entries[split]:
+                path = tmp / split / e.file
+                shards.append({"file": e.file, "num_samples": e.num_samples, "sha256": file_sha256(path),
                                "bytes": path.stat().st_size})  # fmt: skip
             splits[split] = {"num_samples": index["splits"][split]["num_samples"], "shards": shards,
                              "class_counts": index["splits"][split]["class_counts"]}  # fmt: skip
@@ -130,6 +133,6 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
         (tmp / "config.json").write_bytes(resolved_config(cfg, "export_parts"))
         return {"grid": grid, "num_parts": meta["num_parts"], **{f"{s}_samples": v["num_samples"] for s, v in splits.items()}}
 
-    source_bytes = sum(s.get("bytes", 0) for split in ("train", "val") for s in index["splits"][split]["shards"])
+    source_bytes = sum(e.bytes or 0 for _, e in jobs)
     ensure_free_space(out_dir, source_bytes + 1024 * sum(sizes), "the part shards (the prepared images + maps)")
     return run_sharded(out_dir, jobs, work, finalize, sizes, desc="export parts")
