@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from conftest import write_params
 
 BIN = Path(sys.executable).parent
@@ -44,11 +46,15 @@ def test_a_cross_stage_mismatch_fails_the_first_stage_not_the_fifth(tmp_path, fa
     write_params(tmp_path / "params.yaml", prepare={"root": str(root)}, export_parts={"grid": 4},
                  pretrain={"common": {"img_size": 32, "patch_size": 4}, "variants": {"semantic": {}}},
                  linprobe={"batch_size": 100000})  # fmt: skip
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["prepare"]["train_limit"] = 8  # below Fashion-MNIST's 10 classes: two would never reach the probe head
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for args in (("prepare", "--out", "data/prepared", "--metrics", "m.json"), ("check",)):
         res = semmae(*args, cwd=tmp_path)
         assert res.returncode == 2 and "Traceback" not in res.stderr
         assert "pretrain@semantic-0: the MAE grid img_size/patch_size = 32/4 = 8 differs from export_parts.grid = 4" in res.stderr
-        assert "'linprobe.batch_size' = 100000 exceeds the 5000 train images" in res.stderr  # every problem at once
+        assert "'linprobe.batch_size' = 100000 exceeds the 8 train images" in res.stderr  # every problem at once
+        assert "'prepare.train_limit' = 8 is below the 10 classes" in res.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "m.json").exists()
 
 
@@ -68,3 +74,19 @@ def test_prepare_writes_shards_index_config_and_metrics(tmp_path, fake_fmnist):
     assert metrics["train"] == {"num_samples": 50, "num_shards": 3, "skipped": 0}
     assert metrics["val"]["num_samples"] == 20 and metrics["num_classes"] == 10
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "index.json", "train", "val"]
+
+
+def test_an_imagefolder_with_more_classes_than_train_images_is_refused_at_the_start(tmp_path, monkeypatch):
+    """Classes vs the probe head: an imagefolder's class folders are counted (not read) when the DAG starts."""
+    from pipeline.config.check import check_params
+
+    for name in ("cat", "dog", "owl"):
+        (tmp_path / "data_in" / "train" / name).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", prepare={"source": "imagefolder", "root": "data_in", "train_limit": 2,
+                                                    "val_limit": 2})  # fmt: skip
+    report = check_params(tmp_path / "params.yaml")
+    assert any("'prepare.train_limit' = 2 is below the 3 classes" in e for e in report.errors)
+    assert any("'prepare.val_limit' = 2 is below the 3 classes" in w for w in report.warnings)
+    write_params(tmp_path / "params.yaml", prepare={"source": "imagefolder", "root": "data_in", "train_limit": 3})
+    assert check_params(tmp_path / "params.yaml").errors == []

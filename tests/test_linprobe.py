@@ -147,3 +147,22 @@ def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
     for rel in ("out/head.pth", "m.json", "c.tsv"):
         assert (tmp_path / "broken" / rel).read_bytes() == (tmp_path / "unbroken" / rel).read_bytes(), rel
     assert not any((tmp_path / "broken" / "resume").iterdir())
+
+
+def test_a_class_without_training_images_is_refused_before_any_encoding(tmp_path):
+    """The head has one output per class of index.json; one never trained would count its validation
+    images as errors of the encoder."""
+    from pipeline.eval.probe_run import ProbeError, _check_class_counts
+
+    index = {"format": "semmae-shards/1", "classes": ["a", "b", "c"],
+             "splits": {"train": {"class_counts": [5, 0, 5]}, "val": {"class_counts": [1, 1, 0]}}}  # fmt: skip
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ProbeError, match=r"classes \['b'\] have validation but no training images"):
+        _check_class_counts(tmp_path)
+    index["splits"]["train"]["class_counts"] = [5, 5]
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ProbeError, match="class_counts do not match its 3 classes"):
+        _check_class_counts(tmp_path)
+    index["splits"]["train"]["class_counts"] = [5, 5, 0]  # a class with no images at all is harmless
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    _check_class_counts(tmp_path)

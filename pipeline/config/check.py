@@ -60,6 +60,22 @@ def _train_images(prep: Optional[PrepareConfig]) -> Optional[int]:
     return prep.train_limit
 
 
+FASHION_MNIST_CLASSES = 10
+
+
+def _num_classes(prep: Optional[PrepareConfig]) -> Optional[int]:
+    """Classes the prepare section will produce (the probe head's outputs), when knowable cheaply: 10 for
+    Fashion-MNIST, the class folders of an imagefolder's train_dir (listed, not read)."""
+    if prep is None:
+        return None
+    if prep.source == "fashion_mnist":
+        return FASHION_MNIST_CLASSES
+    train = Path(prep.root) / prep.train_dir  # as prepare resolves it: relative to the working directory
+    if not train.is_dir():
+        return None  # prepare itself names the missing directory
+    return sum(1 for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def check_params(params_path: str | Path) -> ParamsReport:
     """Validate every section present in ``params_path`` and the cross-stage constraints between them.
 
@@ -97,6 +113,14 @@ def _cross_checks(rep: ParamsReport) -> None:
     prep, teacher, parts, export = c.get("prepare"), c.get("teacher"), c.get("parts"), c.get("export_parts")
     extract, probe = c.get("extract"), c.get("linprobe")
     n_train = _train_images(prep)
+    n_classes = _num_classes(prep)
+    if n_classes:  # the probe head has one output per class of prepared/index.json
+        for key, limit in (("train_limit", prep.train_limit), ("val_limit", prep.val_limit)):
+            if limit is not None and limit < n_classes:
+                msg = (f"'prepare.{key}' = {limit} is below the {n_classes} classes: some classes get no "
+                       f"{key[:-6]} image while the linear-probe head has {n_classes} outputs; set it to at least "
+                       f"{n_classes} (many images per class, in practice)")  # fmt: skip
+                (rep.error if key == "train_limit" else rep.warn)(msg)
     teacher_grid = teacher.img_size // teacher.patch_size if teacher is not None else None
 
     if teacher is not None and teacher.init == "checkpoint" and not Path(teacher.checkpoint).is_file():

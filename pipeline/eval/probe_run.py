@@ -56,12 +56,27 @@ def _classes(prepared: Path, labels: dict[str, torch.Tensor]) -> int:
     return classes
 
 
+def _check_class_counts(prepared: Path) -> None:
+    """Before any encoding: every class that has validation images has training images (else its head
+    output is never trained and its validation images count as errors for no fault of the encoder)."""
+    index = read_index(prepared)
+    classes = index["classes"]
+    counts = {s: index["splits"][s].get("class_counts") for s in ("train", "val")}
+    if any(not isinstance(c, list) or len(c) != len(classes) for c in counts.values()):
+        raise ProbeError(f"{prepared}/index.json: class_counts do not match its {len(classes)} classes: rerun prepare")
+    untrained = [name for name, t, v in zip(classes, counts["train"], counts["val"]) if v and not t]
+    if untrained:
+        raise ProbeError(f"{prepared}: classes {untrained[:5]} have validation but no training images, so the probe "
+                         "head cannot learn them: raise prepare.train_limit or add training images for them")
+
+
 def _probe(cfg: LinprobeConfig, prepared: Path, img_size: int, encoders: dict, device: torch.device,
            log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe", store=None,
            curve_rows: Optional[list] = None) -> tuple[dict, dict]:  # fmt: skip
     """``{encoder name: (metrics, head)}``. Cached mode streams the splits once through every encoder
     (images never all in memory); online mode holds both splits in memory (small datasets)."""
     results = {}
+    _check_class_counts(prepared)
     if cfg.mode == "cached":
         feats, labels = encode_splits(prepared, img_size, encoders, cfg.eval_batch_size, desc=f"{desc}: encode")
         if not D.is_main():  # under torchrun the ranks share the encoding; rank 0 trains the (cheap) heads
