@@ -2,8 +2,9 @@
 
 A training stage keeps ``<dir>/last.pth`` and ``<dir>/prev.pth`` (a DVC ``persist`` output, so
 ``dvc repro`` does not delete it before rerunning a killed stage). Each save writes a temporary file
-and renames it; the previous ``last`` becomes ``prev``. Loading tries ``last`` then ``prev``: a file
-that is truncated or unreadable is skipped with a warning, and a state written under a different
+and renames it; the previous ``last`` becomes ``prev``. Loading tries the newest first (a complete
+``.next.pth`` left by a kill between the two renames, then ``last``, then ``prev``): a file that is
+truncated or unreadable is skipped with a warning, and a state written under a different
 config (``fingerprint``) is ignored, so a changed parameter never resumes a stale run; once the
 run's outputs are written the states are cleared (:meth:`ResumeStore.clear`).
 States are plain dicts of tensors and Python values, read with ``torch.load(weights_only=True)``.
@@ -49,26 +50,30 @@ class ResumeStore:
     def prev(self) -> Path:
         return self.dir / "prev.pth"
 
+    @property
+    def next(self) -> Path:
+        """The state being installed: written atomically, so complete whenever it exists."""
+        return self.dir / ".next.pth"
+
     def save(self, state: dict) -> None:
         """Write ``state`` (plus the fingerprint) as the new ``last``; the old ``last`` becomes ``prev``."""
         self.dir.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save({**state, "fingerprint": self.fingerprint}, buf)
-        tmp = self.dir / ".next.pth"
-        atomic_write_bytes(tmp, buf.getvalue())
+        atomic_write_bytes(self.next, buf.getvalue())
         if self.last.exists():
             os.replace(self.last, self.prev)
-        os.replace(tmp, self.last)
+        os.replace(self.next, self.last)
 
     def clear(self) -> None:
         """Forget the states once the run's final outputs are written: a later rerun (e.g. after a code
         change) trains from scratch instead of "resuming" a finished run. The directory itself stays."""
-        for path in (self.last, self.prev, self.dir / ".next.pth"):
+        for path in (self.last, self.prev, self.next):
             path.unlink(missing_ok=True)
 
     def load(self) -> Optional[dict]:
         """The newest readable state written under this fingerprint, or ``None`` (start fresh)."""
-        for path in (self.last, self.prev):
+        for path in (self.next, self.last, self.prev):
             if not path.is_file():
                 continue
             try:
