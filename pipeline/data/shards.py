@@ -30,6 +30,7 @@ from pipeline.io import file_sha256
 
 __all__ = [
     "ShardFormatError",
+    "ShardSizeError",
     "INDEX_FORMAT",
     "PARTS_FORMAT",
     "select_ordinals",
@@ -56,6 +57,10 @@ IMAGE_KEYS = ("png", "jpg")
 
 class ShardFormatError(PipelineError):
     """A shard, a sample or an index is missing or malformed; the message names it."""
+
+
+class ShardSizeError(ShardFormatError):
+    """Shards whose size differs from what ``index.json`` records (truncated, or replaced)."""
 
 
 def _tar_writer(path: Path) -> wds.TarWriter:
@@ -172,7 +177,7 @@ def shard_entries(shard_dir: Union[str, Path], split: str, fmt: str = INDEX_FORM
         if check_sizes and e.bytes is not None and p.stat().st_size != e.bytes:
             bad.append(f"{p} is {p.stat().st_size} bytes, index.json records {e.bytes}")
     if bad:
-        raise ShardFormatError(
+        raise ShardSizeError(
             f"{len(bad)} shard(s) of {shard_dir} are truncated or were replaced: " + "; ".join(bad[:5])
             + ("; ..." if len(bad) > 5 else "") + f". Restore them with `dvc checkout {shard_dir}` (or `dvc pull`), "
             "or rerun the stage that wrote them."

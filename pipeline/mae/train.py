@@ -24,7 +24,7 @@ from pipeline import distributed as D
 from pipeline.config.base import resolved_config
 from pipeline.config.pretrain import PretrainConfig
 from pipeline.data.images import normalize
-from pipeline.data.shards import PARTS_FORMAT, ShardFormatError, read_index, shard_entries
+from pipeline.data.shards import PARTS_FORMAT, ShardFormatError, ShardSizeError, read_index, shard_entries
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_output_dir, atomic_write_bytes, ensure_free_space, file_sha256, json_bytes
 from pipeline.mae.data import make_loader
@@ -123,8 +123,8 @@ def _train_shards(cfg: PretrainConfig, part_shards: Path) -> tuple[list[str], li
     before any compute, unless on_corrupt=skip (then its missing samples are counted as they are met)."""
     try:
         entries = shard_entries(part_shards, "train", PARTS_FORMAT, url=cfg.shards_url)
-    except ShardFormatError as exc:
-        if cfg.on_corrupt != "skip" or "truncated or were replaced" not in str(exc):
+    except ShardSizeError as exc:
+        if cfg.on_corrupt != "skip":
             raise
         log.warning("%s (pretrain on_corrupt=skip: reading them anyway)", exc)
         entries = shard_entries(part_shards, "train", PARTS_FORMAT, url=cfg.shards_url, check_sizes=False)
