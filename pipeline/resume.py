@@ -1,7 +1,7 @@
 """Resume checkpoints for long trainings: the last two good states, tied to the run's config.
 
-A training stage keeps ``<dir>/last.pth`` and ``<dir>/prev.pth`` (a DVC ``persist`` output, so
-``dvc repro`` does not delete it before rerunning a killed stage). Each save writes a temporary file
+A training stage keeps ``<dir>/last.pth`` and ``<dir>/prev.pth`` (a directory DVC does not manage,
+so ``dvc repro`` leaves it alone before rerunning a killed stage). Each save writes a temporary file
 and renames it; the previous ``last`` becomes ``prev``. Loading tries the newest first (a complete
 ``.next.pth`` left by a kill between the two renames, then ``last``, then ``prev``): a file that is
 truncated or unreadable is skipped with a warning, and a state written under a different

@@ -32,7 +32,7 @@ def main(
     out: Path = typer.Option(..., help="Output directory: head.pth + config.json."),
     metrics: Path = typer.Option(..., help="top-1, top-5, k-NN top-1 (JSON)."),
     curves: Path = typer.Option(..., help="Per-epoch loss, train accuracy and lr (TSV)."),
-    resume: Path = typer.Option(None, help="Resume checkpoints of the head training (a DVC persist output)."),
+    resume: Path = typer.Option(None, help="Resume checkpoints of the head training (kept while a killed run is rerun; not a DVC output)."),
 ) -> None:
     """MAE's linear probe (BatchNorm + linear head on the frozen CLS token, LARS) and k-NN of one encoder."""
     from pipeline.curves import CurveLog

@@ -22,7 +22,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its 'pretrain' section is read."),
     part_shards: Path = typer.Option(Path("data/part_shards"), help="Shard set written by `semmae export_parts`."),
     out: Path = typer.Option(..., help="Output directory: encoder.pth (timm ViT), mae.pth, config.json, meta.json."),
-    resume: Path = typer.Option(..., help="Resume-checkpoint directory (kept between runs; a DVC persist output)."),
+    resume: Path = typer.Option(..., help="Resume-checkpoint directory (kept while a killed run is rerun; not a DVC output)."),
     metrics: Path = typer.Option(..., help="Final loss, steps, throughput (JSON)."),
     curves: Path = typer.Option(..., help="Per-step loss, lr and alpha (TSV)."),
     figures: Path = typer.Option(..., help="Directory for reconstruction.png and curriculum_masks.png."),

@@ -22,7 +22,7 @@ def main(
     metrics: Path = typer.Option(Path("metrics/teacher.json"), help="k-NN quality of teacher, random ViT, raw pixels."),
     curves: Path = typer.Option(Path("metrics/teacher_train.tsv"), help="Per-epoch training curves (TSV)."),
     resume: Path = typer.Option(Path("data/resume/teacher"), help="Resume checkpoints of teacher.init=train (kept "
-                                "while a killed run is rerun; a DVC persist output)."),
+                                "while a killed run is rerun; not a DVC output)."),
     max_steps: int = typer.Option(None, help="Stop training after this many steps (smoke tests)."),
 ) -> None:
     """Load (teacher.init=checkpoint) or train with the iBOT objective (teacher.init=train) the frozen ViT.

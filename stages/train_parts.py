@@ -24,7 +24,7 @@ def main(
     curves: Path = typer.Option(Path("metrics/parts_train.tsv"), help="Per-epoch training curves (TSV)."),
     figure: Path = typer.Option(Path("plots/parts/val_parts.png"), help="Validation images with part maps overlaid."),
     resume: Path = typer.Option(Path("data/resume/train_parts"), help="Resume checkpoints (kept while a killed run "
-                                "is rerun; a DVC persist output)."),
+                                "is rerun; not a DVC output)."),
 ) -> None:
     """Train the part learner (parts.method=learned) or take attention heads, and report part statistics.
 

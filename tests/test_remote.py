@@ -148,7 +148,7 @@ def data_digest(repo: Path) -> dict[str, str]:
             for p in sorted((repo / "data").rglob("*")) if p.is_file()}  # fmt: skip
 
 
-PROBES = ["linprobe@random-0", "linprobe@semantic-0", "linprobe_reference", "report"]
+RANDOM_RUN = ["linprobe@random-0", "pretrain@random-0", "report"]
 
 
 def interrupted_push(repo: Path, s3: S3Server) -> str:
@@ -203,17 +203,19 @@ def test_share_through_s3_push_clone_pull_change_revert(tmp_path, s3, fake_fmnis
     assert "up to date" in run(["dvc", "status"], clone).stdout
     assert ran(run(["dvc", "repro"], clone).stdout) == []
 
-    # a linear-probe parameter: exactly the probes and the report rerun
+    # a parameter of one pretrain variant: that run, its probe and the report rerun
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["linprobe"]["knn_k"] = 5
+    params["pretrain"]["variants"]["random"]["mask_ratio"] = 0.6
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(run(["dvc", "repro"], clone).stdout) == PROBES
+    assert ran(run(["dvc", "repro"], clone).stdout) == RANDOM_RUN
 
-    # reverted: the run-cache restores the earlier outputs without running anything
-    params["linprobe"]["knn_k"] = 20
+    # reverted: the run-cache restores the earlier outputs without training anything (a stage with a
+    # persist output, such as a declared resume directory, would retrain here)
+    del params["pretrain"]["variants"]["random"]["mask_ratio"]
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], clone).stdout
-    assert ran(out) == [] and out.count("is cached - skipping run") == len(PROBES), out
-    restored = json.loads((clone / "metrics" / "linprobe" / "reference.json").read_text())
-    assert restored == json.loads((origin / "metrics" / "linprobe" / "reference.json").read_text())
+    assert ran(out) == [] and out.count("is cached - skipping run") == len(RANDOM_RUN), out
+    for name in ("pretrain/random-0.json", "linprobe/random-0.json"):
+        restored = json.loads((clone / "metrics" / name).read_text())
+        assert restored == json.loads((origin / "metrics" / name).read_text())
     assert data_digest(clone) == data_digest(origin)
