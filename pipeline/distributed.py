@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "rank", "world_size", "is_main", "barrier", "device_for_rank", "mean_over_ranks", "cleanup"]
+__all__ = ["init_distributed", "rank", "world_size", "is_main", "barrier", "device_for_rank", "sum_over_ranks", "mean_over_ranks", "cleanup"]
 
 
 def init_distributed() -> None:
@@ -41,13 +41,18 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """The element-wise mean of ``t`` over all ranks (``t`` itself in a single process)."""
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``t`` over all ranks (``t`` itself in a single process)."""
     if not dist.is_initialized():
         return t
     t = t.clone()
-    dist.all_reduce(t)  # SUM: gloo has no AVG
-    return t / world_size()
+    dist.all_reduce(t)
+    return t
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``t`` over all ranks (gloo has no AVG: a sum divided by the ranks)."""
+    return sum_over_ranks(t) / world_size() if dist.is_initialized() else t
 
 
 def cleanup() -> None:

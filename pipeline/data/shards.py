@@ -46,6 +46,7 @@ __all__ = [
     "decode_sample",
     "decode_image",
     "image_error",
+    "IMAGE_ERRORS",
 ]
 
 INDEX_FORMAT = "semmae-shards/1"
@@ -198,6 +199,9 @@ def select_ordinals(total: int, limit: Optional[int], seed: int, split: str) -> 
     return set(rng.choice(total, size=limit, replace=False).tolist())
 
 
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # PIL's ways of saying "broken"
+
+
 def decode_image(data: bytes, mode: str = "RGB", where: str = "image") -> Image.Image:
     """Decode image bytes (converted to ``mode`` unless empty); :class:`ShardFormatError` naming ``where``
     (``decode_sample``'s ``"sample <key> in <shard>"``) when they do not decode."""
@@ -205,7 +209,7 @@ def decode_image(data: bytes, mode: str = "RGB", where: str = "image") -> Image.
         img = Image.open(io.BytesIO(data))
         img.load()
         return img.convert(mode) if mode and img.mode != mode else img
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL's ways of saying "broken"
+    except IMAGE_ERRORS as exc:
         raise ShardFormatError(f"{where}: undecodable image ({image_error(exc)})") from None
 
 

@@ -36,6 +36,7 @@ from pipeline.data.shards import (
     decode_image,
     decode_sample,
     image_error,
+    IMAGE_ERRORS,
     iter_shard,
 )
 
@@ -115,7 +116,7 @@ def _undecoded(s: dict, where: str) -> tuple[bytes | np.ndarray, tuple[int, int]
     if s["ext"] == "jpg":
         try:
             return s["image"], header_size(s["image"])
-        except (OSError, SyntaxError, ValueError) as exc:
+        except IMAGE_ERRORS as exc:
             raise ShardFormatError(f"{where}: undecodable image ({image_error(exc)})") from None
     img = decode_image(s["image"], mode="", where=where)
     return pixels_chw(img), img.size

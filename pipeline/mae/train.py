@@ -245,7 +245,7 @@ def pretrain(
         epoch_loss = float(losses_host.mean())
         if cfg.on_corrupt == "skip":
             local = sum(c for c, _ in loader.skipped)
-            skipped += int(round(float(D.mean_over_ranks(torch.tensor(float(local))) * world)))
+            skipped += int(D.sum_over_ranks(torch.tensor(local, dtype=torch.int64, device=device)))
             read += steps_per_epoch * cfg.batch_size
             examples = (examples + [reason for _, reason in loader.skipped])[:5]  # this rank's first ones
             if local:
