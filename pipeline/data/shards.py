@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import tarfile
 from dataclasses import dataclass
@@ -241,10 +242,36 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     out["json"] = meta
     if "parts.npy" in sample:
         try:
-            out["parts"] = np.load(io.BytesIO(sample["parts.npy"]), allow_pickle=False)
+            out["parts"] = read_npy_uint8(sample["parts.npy"])
         except ValueError as exc:
             raise ShardFormatError(f"{where}: malformed parts.npy ({exc})") from None
     return out
+
+
+_NPY_UINT8_HEADER = re.compile(rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+),(?: (\d+))?\), \} *\n")
+
+
+def read_npy_uint8(data: bytes) -> np.ndarray:
+    """A 1-D or 2-D uint8 array (C order) from ``.npy`` bytes, as ``np.save`` writes it.
+
+    Not ``np.load``: it parses the header with ``ast.literal_eval``, and CPython 3.11's AST builder
+    keeps its recursion-depth bookkeeping in interpreter-wide state that is not reentrant (CPython
+    gh-106905 and relatives); in pretrain's loader worker processes that surfaced as ``SystemError: AST
+    constructor recursion depth mismatch`` in 3 of 25 runs of a test. This reader matches the one header form our part maps have and refuses anything else
+    (other dtypes, Fortran order, object arrays) with a ValueError; nothing is parsed as Python."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy file")
+    start = 10 if data[6] == 1 else 12  # format 1.0: 2-byte header length; 2.0 and 3.0: 4 bytes
+    if data[6] not in (1, 2, 3):
+        raise ValueError(f"unknown .npy format version {data[6]}")
+    end = start + int.from_bytes(data[8:start], "little")
+    match = _NPY_UINT8_HEADER.fullmatch(data[start:end])
+    if match is None:
+        raise ValueError(f"header {data[start:end].strip()!r} is not that of a 1-D or 2-D C-order uint8 array")
+    shape = tuple(int(g) for g in match.groups() if g is not None)
+    if len(data) - end != math.prod(shape):
+        raise ValueError(f"{len(data) - end} data bytes for shape {shape}")
+    return np.frombuffer(data, np.uint8, offset=end).reshape(shape).copy()
 
 
 def iter_shard(path: str, expected: Optional[int] = None) -> Iterator[dict[str, Any]]:
