@@ -36,7 +36,7 @@ from pipeline.data.shards import decode_image, iter_samples, read_index, select_
 from pipeline.errors import PipelineError
 from pipeline.io import ensure_free_space, json_bytes
 from pipeline.sharded import run_sharded
-from pipeline.teacher.build import load_teacher
+from pipeline.teacher.load import load_teacher
 
 __all__ = ["FEATURES_FORMAT", "FeatureError", "extract_features", "read_features_index", "load_features"]
 

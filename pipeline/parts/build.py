@@ -15,7 +15,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config.base import resolved_config
 from pipeline.config.parts import PartsConfig
@@ -29,7 +28,6 @@ from pipeline.parts.metrics import (
     kmeans,
     segmentation_stats,
 )
-from pipeline.parts.model import PartLearner
 from pipeline.resume import ResumeStore, fingerprint
 from pipeline.parts.train import (
     build_part_learner,
@@ -37,12 +35,12 @@ from pipeline.parts.train import (
     part_ids,
     train_part_learner,
 )
-from pipeline.teacher.build import load_teacher, teacher_vit
+from pipeline.parts.load import PARTS_CHECKPOINT, KMeansParts, load_part_learner, parts_teacher, random_teacher
+from pipeline.teacher.load import load_teacher
 
 __all__ = ["build_parts", "load_part_learner", "parts_teacher", "KMeansParts", "PARTS_CHECKPOINT"]
 
 log = logging.getLogger(__name__)
-PARTS_CHECKPOINT = "part_learner.pth"
 KMEANS_MAX_TOKENS = 50_000
 
 
@@ -73,21 +71,6 @@ def _attention_ids(vit, images: torch.Tensor, grid, batch_size: int = 256) -> to
     return torch.cat(out).to(torch.uint8)
 
 
-class KMeansParts(torch.nn.Module):
-    """Parts = nearest (cosine) of N k-means centroids of the teacher's patch tokens; same interface as
-    :class:`PartLearner` for export (``part_logits``)."""
-
-    def __init__(self, centers: torch.Tensor, grid: tuple[int, int]) -> None:
-        super().__init__()
-        self.register_buffer("centers", centers)
-        self.grid = tuple(grid)
-
-    def part_logits(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        """Cosine similarities ``[B, N, H, W]`` (softmax then argmax = nearest centroid)."""
-        sim = F.normalize(patches.float(), dim=-1) @ self.centers.T  # [B, L, N]
-        return sim.transpose(1, 2).reshape(sim.shape[0], -1, *self.grid) / 0.01
-
-
 def _fit_kmeans(train_patches: torch.Tensor, k: int, seed: int, grid: tuple[int, int]) -> KMeansParts:
     tokens = train_patches.flatten(0, 1)
     g = torch.Generator().manual_seed(seed)
@@ -100,39 +83,6 @@ def _kmeans_ids(train_patches: torch.Tensor, val_patches: torch.Tensor, k: int, 
     side = int(round(val_patches.shape[1] ** 0.5))
     model = _fit_kmeans(train_patches, k, seed, (side, side))
     return model.part_logits(None, val_patches).argmax(1).to(torch.uint8)
-
-
-def _random_teacher(tcfg, seed: int):
-    torch.manual_seed(seed + 999)
-    return teacher_vit(tcfg).eval()
-
-
-def parts_teacher(vit, tcfg, parts_dir: str | Path):
-    """The ViT whose tokens the saved parts read: ``vit`` itself, or the random teacher stored by
-    ``method: random_teacher``."""
-    obj = torch.load(Path(parts_dir) / PARTS_CHECKPOINT, map_location="cpu", weights_only=True)
-    if "teacher_state" not in obj:
-        return vit
-    rand = teacher_vit(tcfg)
-    rand.load_state_dict(obj["teacher_state"], strict=True)
-    return rand.eval()
-
-
-def load_part_learner(path: str | Path) -> tuple[Optional[PartLearner], dict]:
-    """A saved part learner (None for the attention-heads method) and its description (plain dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FeatureError(f"{path} not found: run the train_parts stage first")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    meta = obj["meta"]
-    if meta["method"] == "attention_heads":
-        return None, meta
-    if meta["method"] == "kmeans":
-        return KMeansParts(obj["state_dict"]["centers"], tuple(meta["grid"])).eval(), meta
-    model = PartLearner(meta["dim"], tuple(meta["grid"]), meta["num_parts"], meta["image_size"], meta["decoder_channels"],
-                        meta["style_dim"], meta["blur_size"], meta["blur_sigma"], temperature=meta["temperature"])  # fmt: skip
-    model.load_state_dict(obj["state_dict"], strict=True)
-    return model.eval(), meta
 
 
 def build_parts(
@@ -170,7 +120,7 @@ def build_parts(
     model, extra = None, {}
     if cfg.method in ("learned", "random_teacher"):
         if cfg.method == "random_teacher":  # the ablation: the same learner on a random ViT's tokens
-            rand_vit = _random_teacher(tcfg, cfg.seed)
+            rand_vit = random_teacher(tcfg, cfg.seed)
             (tr_cls, tr_patches), (va_cls, va_patches) = _encode_tokens(rand_vit, tr_images), _encode_tokens(rand_vit, va_images)
             extra["teacher_state"] = {k: v.contiguous() for k, v in sorted(rand_vit.state_dict().items())}
         model = build_part_learner(cfg, dim, grid, tcfg.img_size)
@@ -189,7 +139,7 @@ def build_parts(
         if cfg.method != "kmeans":
             columns["k-means"] = _kmeans_ids(tr_patches, va_patches, n_parts, cfg.seed)
         if cfg.method == "learned":
-            rand_vit = _random_teacher(tcfg, cfg.seed)
+            rand_vit = random_teacher(tcfg, cfg.seed)
             r_tr, r_va = _encode_tokens(rand_vit, tr_images), _encode_tokens(rand_vit, va_images)
             rand_model = build_part_learner(cfg, dim, grid, tcfg.img_size)
             train_part_learner(rand_model, *r_tr, tr_images, cfg, device, desc="train parts (random teacher)",

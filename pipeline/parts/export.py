@@ -37,10 +37,10 @@ from pipeline.data.shards import (
 )
 from pipeline.features import FeatureError
 from pipeline.io import ensure_free_space, file_sha256, json_bytes
-from pipeline.parts.build import PARTS_CHECKPOINT, load_part_learner, parts_teacher
+from pipeline.parts.load import PARTS_CHECKPOINT, load_part_learner, parts_teacher
 from pipeline.parts.metrics import cls_attention
 from pipeline.sharded import run_sharded
-from pipeline.teacher.build import load_teacher
+from pipeline.teacher.load import load_teacher
 
 __all__ = ["PARTS_FORMAT", "export_parts", "soft_part_maps"]
 

@@ -7,7 +7,6 @@ serves every later stage, and its quality is measured by k-NN accuracy next to t
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,36 +25,17 @@ from pipeline.io import atomic_output_dir, file_sha256
 from pipeline.resume import ResumeStore, fingerprint
 from pipeline.models.checkpoint import (
     CheckpointError,
-    build_vit,
     load_backbone,
     load_checkpoint_file,
     save_backbone,
 )
+from pipeline.teacher.load import CHECKPOINT_NAME, load_teacher, teacher_vit
 from pipeline.teacher.train import train_ibot
 
 __all__ = ["build_teacher", "teacher_vit", "load_teacher"]
 
 log = logging.getLogger(__name__)
-CHECKPOINT_NAME = "checkpoint_teacher.pth"
 KNN_PIXEL_SIZE = 32  # the raw-pixels reference is area-resized to at most 32 x 32 (ImageNet: 3,072 numbers)
-
-
-def teacher_vit(cfg: TeacherConfig):
-    """A randomly initialised ViT of the configured shape."""
-    return build_vit(cfg.arch, cfg.img_size, cfg.patch_size, cfg.depth, cfg.num_heads, cfg.embed_dim)
-
-
-def load_teacher(teacher_dir: str | Path):
-    """The frozen teacher written by the ``teacher`` stage: ``(vit, its TeacherConfig, checkpoint sha256)``."""
-    teacher_dir = Path(teacher_dir)
-    cfg_path, ckpt = teacher_dir / "config.json", teacher_dir / CHECKPOINT_NAME
-    if not cfg_path.is_file() or not ckpt.is_file():
-        raise CheckpointError(f"{teacher_dir} holds no {CHECKPOINT_NAME} + config.json: run the teacher stage first")
-    cfg = TeacherConfig.model_validate(json.loads(cfg_path.read_text())["teacher"])
-    vit = load_backbone(teacher_vit(cfg), ckpt)
-    for p in vit.parameters():
-        p.requires_grad_(False)
-    return vit.eval(), cfg, file_sha256(ckpt)
 
 
 def build_teacher(
