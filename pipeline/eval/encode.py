@@ -105,11 +105,11 @@ def encode_splits(prepared: str | Path, img_size: int, encoders: dict[str, Calla
                 owner = j % world
                 for name in encoders:
                     shape = torch.tensor(part[0][name].shape if owner == rank else (0, 0), dtype=torch.int64)
-                    torch.distributed.broadcast(shape, owner)
+                    D.broadcast(shape, owner)
                     if owner != rank:
                         part[0][name] = torch.empty(tuple(shape.tolist()), dtype=torch.float32)
-                    torch.distributed.broadcast(part[0][name], owner)
-                torch.distributed.broadcast(part[1], owner)
+                    D.broadcast(part[0][name], owner)  # in place, on the CPU whatever the backend
+                D.broadcast(part[1], owner)
             parts.append(part)
         bar.close()
         labels[split] = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, dtype=torch.int64)

@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import math
 import pickle
 from pathlib import Path
 from typing import Optional, Union
 
+import safetensors.torch
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from pipeline.data.images import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_bytes
+from pipeline.io import atomic_output_dir, atomic_write_bytes, json_bytes
 
 __all__ = [
     "CheckpointError",
@@ -35,7 +39,14 @@ __all__ = [
     "backbone_state_dict",
     "load_backbone",
     "save_backbone",
+    "save_timm_export",
+    "TIMM_CONFIG_NAME",
+    "TIMM_WEIGHTS_NAME",
 ]
+
+TIMM_CONFIG_NAME = "config.json"  # the names timm's ``local-dir:`` source reads
+TIMM_WEIGHTS_NAME = "model.safetensors"
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 _SAFE_GLOBALS = [argparse.Namespace]
 _DROPPED_PREFIXES = ("head.", "masked_embed")
@@ -140,3 +151,92 @@ def save_backbone(model: VisionTransformer, path: Union[str, Path], dtype: torch
     buf = io.BytesIO()
     torch.save({"state_dict": sd}, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def save_timm_export(
+    model: VisionTransformer, out_dir: Union[str, Path], arch: str, model_args: dict,
+    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+    interpolation: str = "bicubic", crop_pct: float = 1.0, dtype: torch.dtype = torch.float32,
+) -> Path:  # fmt: skip
+    """Write ``out_dir`` as a timm model folder: ``config.json`` + ``model.safetensors``, atomically.
+
+    ``timm.create_model(f"local-dir:{out_dir}")`` then builds ``arch`` with ``model_args`` (the keyword
+    arguments ``model`` was built with: ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``;
+    ``num_classes=0``, the model's ``global_pool`` and ``dynamic_img_size`` are added) and loads the
+    weights strictly; its ``pretrained_cfg`` holds the preprocessing the encoder was trained with
+    (``mean``/``std`` of [0, 1] pixels, the input size, ``interpolation``, ``crop_pct``), so
+    ``timm.data.resolve_data_config({}, model=m)`` gives the right transform. Before anything is written,
+    ``arch`` + ``model_args`` are built on the meta device and must give exactly ``model``'s weight names
+    and shapes. The same model gives the same bytes.
+    """
+
+    def refuse(problem: str) -> CheckpointError:
+        return CheckpointError(f"timm export to {out_dir}: {problem}")
+
+    if not isinstance(model, VisionTransformer):
+        raise refuse(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    if model.num_classes != 0:
+        raise refuse(f"the model has a {model.num_classes}-class head; export the headless encoder (num_classes=0)")
+    for name, value in (("mean", mean), ("std", std)):
+        numbers = len(value) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+        if not numbers or (name == "std" and min(value) <= 0):
+            above = " above 0" if name == "std" else ""
+            raise refuse(f"{name}={value!r} must be three finite numbers{above} (per-channel statistics of [0, 1] pixels)")
+    if interpolation not in _INTERPOLATIONS:
+        raise refuse(f"interpolation={interpolation!r} is not one of {_INTERPOLATIONS}")
+    if not 0 < crop_pct <= 1:
+        raise refuse(f"crop_pct={crop_pct} must be in (0, 1]")
+    args = dict(model_args)
+    implied = {"num_classes": 0, "global_pool": model.global_pool}
+    if model.dynamic_img_size:  # takes other resolutions too (build_vit's encoders do)
+        implied["dynamic_img_size"] = True
+    for key, want in implied.items():
+        if args.setdefault(key, want) != want:
+            raise refuse(f"model_args {key}={args[key]!r} but the model has {want!r}")
+    try:
+        json.dumps(args)
+    except (TypeError, ValueError) as exc:
+        raise refuse(f"model_args must be JSON values (numbers, strings, lists): {exc}") from None
+    try:
+        with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+            rebuilt = timm.create_model(arch, pretrained=False, **args)
+    except Exception as exc:  # an unknown name or keyword: timm raises RuntimeError, TypeError, ...
+        raise refuse(f"timm cannot build {arch!r} with model_args {args}: {exc}") from None
+    ours = model.state_dict()
+    theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    wrong = sorted(k for k in set(ours) | set(theirs) if k not in ours or tuple(ours[k].shape) != theirs.get(k))
+    if wrong:
+        detail = ", ".join(f"{k}: model {tuple(ours[k].shape) if k in ours else None} vs timm {theirs.get(k)}"
+                           for k in wrong[:4])  # fmt: skip
+        more = " ..." if len(wrong) > 4 else ""
+        raise refuse(f"timm.create_model({arch!r}, **{args}) does not fit the model ({detail}{more}); "
+                     "pass the model_args it was built with")  # fmt: skip
+    fixed = bool(getattr(model.patch_embed, "strict_img_size", True)) and not model.dynamic_img_size
+    config = {
+        "architecture": arch,
+        "num_classes": 0,
+        "num_features": model.num_features,
+        "global_pool": model.global_pool,
+        "model_args": args,
+        "pretrained_cfg": {
+            "input_size": [model.patch_embed.proj.in_channels, *(int(v) for v in model.patch_embed.img_size)],
+            "fixed_input_size": fixed,
+            "interpolation": interpolation,
+            "crop_pct": float(crop_pct),
+            "crop_mode": "center",
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "custom_load": False,
+        },
+    }
+    sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+          for k, v in sorted(ours.items())}  # fmt: skip
+    weights = safetensors.torch.save(sd, metadata={"format": "pt"})
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir) as tmp:
+        (tmp / TIMM_CONFIG_NAME).write_bytes(json_bytes(config))
+        (tmp / TIMM_WEIGHTS_NAME).write_bytes(weights)
+    return out_dir

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from pipeline import distributed as D
+
 __all__ = ["IBOTHead", "IBOTNetwork", "IBOTLoss", "cosine_schedule", "ema_update"]
 
 
@@ -158,10 +160,7 @@ class IBOTLoss(nn.Module):
         m = self.center_momentum
         cls_mean = torch.cat(teacher_cls).mean(0, keepdim=True)
         patch_mean = torch.cat(teacher_patch).mean(dim=(0, 1), keepdim=True)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(cls_mean)
-            torch.distributed.all_reduce(patch_mean)
-            cls_mean /= torch.distributed.get_world_size()
-            patch_mean /= torch.distributed.get_world_size()
+        cls_mean = D.mean_over_ranks(cls_mean)  # itself in a single process
+        patch_mean = D.mean_over_ranks(patch_mean)
         self.center.mul_(m).add_(cls_mean, alpha=1 - m)
         self.center_patch.mul_(m).add_(patch_mean, alpha=1 - m)
