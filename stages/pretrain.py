@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -25,7 +24,6 @@ def main(
     resume: Path = typer.Option(..., help="Resume-checkpoint directory (kept while a killed run is rerun; not a DVC output)."),
     metrics: Path = typer.Option(..., help="Final loss, steps, throughput (JSON)."),
     curves: Path = typer.Option(..., help="Per-step loss, lr and alpha (TSV)."),
-    figures: Path = typer.Option(..., help="Directory for reconstruction.png and curriculum_masks.png."),
 ) -> None:
     """Pretrain a MAE with the variant's masking (semantic: SemMAE's curriculum; random: plain MAE).
 
@@ -33,7 +31,6 @@ def main(
     `torchrun --nproc_per_node=N --no-python semmae pretrain ...` with the same global batch.
     """
     from pipeline.curves import CurveLog
-    from pipeline.mae.figures import pretrain_figures
     from pipeline.mae.train import pretrain
 
     cfg = load_pretrain_config(params, variant, seed)
@@ -42,8 +39,8 @@ def main(
     curve_log = CurveLog(curves) if int(os.environ.get("RANK", "0")) == 0 else None  # rank 0 under torchrun
 
     start = time.perf_counter()
-    result = pretrain(cfg, part_shards, out, resume, log_row=curve_log, curve_rows=curve_log.rows if curve_log else None,
-                      figures=functools.partial(pretrain_figures, part_shards=part_shards, figures_dir=figures))  # fmt: skip
+    rows = curve_log.rows if curve_log else None
+    result = pretrain(cfg, part_shards, out, resume, log_row=curve_log, curve_rows=rows)
     if result:
         seconds = time.perf_counter() - start
         trained = (result["epochs"] - result["resumed_from_epoch"]) * result["steps"] // result["epochs"]

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config.linprobe import LinprobeConfig
+from pipeline.data.augment import random_resized_crop
 from pipeline.eval.knn import knn_accuracy
 from pipeline.eval.lars import LARS
 from pipeline.resume import ResumeStore
 from pipeline.schedule import warmup_cosine
-from pipeline.teacher.augment import random_resized_crop
 
 __all__ = ["probe_head", "train_probe", "evaluate_head", "topk_accuracy", "probe_features", "probe_cached", "Encoder"]
 

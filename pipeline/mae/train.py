@@ -5,6 +5,11 @@ linear warm-up then a per-iteration half-cycle cosine to ``min_lr``, bf16 autoca
 Randomness is derived from ``(seed, epoch, rank)`` at each epoch start (loader and masking), and a
 resume checkpoint is written at epoch ends, so a run resumed from a checkpoint continues exactly
 as the unbroken run would have (bit for bit on CPU).
+
+Layout: ``pretrain`` runs ``_set_up`` (process group, device, batch checks, model, optimiser), restores
+a resume checkpoint (``_load_checkpoint``), then per epoch ``_train_epoch``, whose optimiser step is
+``_train_step`` (accumulated micro-batches from ``_batch_inputs``: decoding, normalising, masking), and
+``_save_checkpoint``; rank 0 finally calls ``_write_outputs``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import io
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,7 +43,7 @@ from pipeline.mae.masking import (
     semantic_masking,
 )
 from pipeline.mae.model import MaskedAutoencoder
-from pipeline.models.checkpoint import save_backbone
+from pipeline.models.checkpoint import save_backbone, save_timm_export
 from pipeline.resume import ResumeStore, fingerprint
 from pipeline.schedule import warmup_cosine
 
@@ -140,10 +146,43 @@ def skip_report(cfg: PretrainConfig, skipped: int, read: int, examples: list[str
             "(`dvc checkout data/part_shards`, `dvc pull`, or `dvc repro -f export_parts`) or raise the limit")
 
 
+@dataclass
+class _Run:
+    """What set-up builds for one run, read by the epochs, the resume checkpoints and the outputs."""
+
+    cfg: PretrainConfig
+    part_shards: Path
+    num_parts: int
+    shards: list[str]  # the train shards and their index counts
+    counts: list[int]
+    device: torch.device
+    world: int  # ranks
+    micro: int  # images per rank in one forward pass: batch_size / (world x accum_steps)
+    steps_per_epoch: int
+    autocast: bool  # bf16 autocast
+    noise_dim: int  # the loader's per-sample masking noise
+    model: MaskedAutoencoder  # the bare model: its weights are saved, checkpointed and restored
+    opt: torch.optim.Optimizer
+    store: ResumeStore
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+
+@dataclass
+class _Progress:
+    """What a resume checkpoint carries besides the weights and the optimiser."""
+
+    epoch: int = 0  # epochs completed
+    skipped: int = 0  # corrupt samples skipped / samples read, over all ranks (on_corrupt=skip)
+    read: int = 0
+    examples: list[str] = field(default_factory=list)  # this rank's first skipped samples
+
+
 def pretrain(
     cfg: PretrainConfig, part_shards: str | Path, out_dir: str | Path, resume_dir: str | Path,
     log_row: Optional[Callable[[int, dict], None]] = None, curve_rows: Optional[list] = None,
-    figures: Optional[Callable[[MaskedAutoencoder, "PretrainConfig", int], None]] = None,
 ) -> dict:  # fmt: skip
     """Pretrain one variant; write ``encoder.pth`` (timm ViT, official iBOT-style ``{'state_dict'}``),
     ``mae.pth`` (whole model), ``config.json`` and ``meta.json`` into ``out_dir`` (rank 0, atomically).
@@ -151,7 +190,36 @@ def pretrain(
     ``log_row(step, stats)`` receives rank 0's curve rows; ``curve_rows`` is the list they accumulate in,
     saved with each resume checkpoint and restored into it on resume. Returns the run's metrics.
     """
-    part_shards = Path(part_shards)
+    run = _set_up(cfg, Path(part_shards), out_dir, resume_dir)
+    progress = _load_checkpoint(run, curve_rows)
+    start_epoch = progress.epoch
+    net = _training_module(run)
+    bar = tqdm(total=run.total_steps, initial=start_epoch * run.steps_per_epoch, desc=f"pretrain {cfg.masking}",
+               unit="step", disable=not D.is_main(), mininterval=1.0)  # fmt: skip
+    epoch_loss = float("nan")
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_loss = _train_epoch(run, net, epoch, progress, bar, log_row)
+        progress.epoch = epoch + 1
+        if D.is_main() and (progress.epoch % cfg.checkpoint_every == 0 or progress.epoch == cfg.epochs):
+            _save_checkpoint(run, progress, curve_rows)
+        D.barrier()
+    bar.close()
+
+    result: dict = {}
+    if D.is_main():
+        result = _write_outputs(run, progress, start_epoch, epoch_loss, out_dir)
+        run.store.clear()
+    D.barrier()
+    D.cleanup()
+    return result
+
+
+# set-up
+
+
+def _set_up(cfg: PretrainConfig, part_shards: Path, out_dir: str | Path, resume_dir: str | Path) -> _Run:
+    """Everything before the first step: the shard checks, the process group and device, the batch
+    arithmetic, the free-space checks, the model, its optimiser and the resume store."""
     index = _check_shards(cfg, part_shards)
     num_parts = int(index["num_parts"])
     shards, counts = _train_shards(cfg, part_shards)
@@ -167,7 +235,6 @@ def pretrain(
     steps_per_epoch = cfg.steps_per_epoch or n_train // cfg.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"pretrain batch_size={cfg.batch_size} exceeds the {n_train} train images: lower it")
-    total_steps = steps_per_epoch * cfg.epochs
     autocast = device.type == "cuda" if cfg.precision == "auto" else cfg.precision == "bf16"
 
     model = build_mae(cfg).to(device)
@@ -177,120 +244,177 @@ def pretrain(
     no_decay = {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.peak_lr(), betas=tuple(cfg.betas), fused=device.type == "cuda")
+    return _Run(cfg, part_shards, num_parts, shards, counts, device, world, micro, steps_per_epoch, autocast,
+                noise_size(cfg.grid * cfg.grid, num_parts), model, opt,
+                _resume_store(cfg, part_shards, resume_dir))  # fmt: skip
+
+
+def _training_module(run: _Run) -> torch.nn.Module:
+    """The model as the steps call it: DDP-wrapped over several ranks, compiled if asked. Built after the
+    resume state is loaded, so DDP's initial broadcast sends the restored weights."""
+    net = torch.nn.parallel.DistributedDataParallel(run.model) if run.world > 1 else run.model
+    return torch.compile(net) if run.cfg.compile else net
+
+
+def _epoch_loader(run: _Run, epoch: int):
+    """Epoch ``epoch``'s loader: ``steps_per_epoch x accum_steps`` micro-batches, seeded by (seed, epoch)."""
+    cfg = run.cfg
+    return make_loader(run.shards, run.num_parts, cfg.img_size, cfg.grid, run.micro,
+                       run.steps_per_epoch * cfg.accum_steps, epoch, cfg.seed, cfg.crop_scale, cfg.crop_ratio,
+                       cfg.hflip, cfg.shuffle_buffer, cfg.num_workers, cfg.loader_streams, run.noise_dim, cfg.decode,
+                       run.counts, cfg.on_corrupt)  # fmt: skip
+
+
+# one epoch
+
+
+def _train_epoch(run: _Run, net: torch.nn.Module, epoch: int, progress: _Progress, bar: tqdm,
+                 log_row: Optional[Callable[[int, dict], None]]) -> float:  # fmt: skip
+    """Train epoch ``epoch`` (0-based) and return its loss (mean over its steps and the ranks).
+
+    The step losses stay on the device until the epoch ends: then one host sync, the corrupt-sample
+    count (on_corrupt=skip), rank 0's curve rows every ``log_every`` steps, and the NaN check."""
+    cfg = run.cfg
+    run.model.train()
+    loader = _epoch_loader(run, epoch)
+    batches = iter(loader)
+    losses, rows = [], []
+    for i in range(run.steps_per_epoch):
+        step = epoch * run.steps_per_epoch + i
+        step_loss, lr, alpha = _train_step(run, net, batches, step)
+        losses.append(step_loss)
+        bar.update()
+        if (step + 1) % cfg.log_every == 0:
+            rows.append((step + 1, len(losses) - 1, lr, alpha))
+    losses_host = D.mean_over_ranks(torch.stack(losses)).cpu()  # the epoch's one host sync: none in the steps
+    epoch_loss = float(losses_host.mean())
+    if cfg.on_corrupt == "skip":
+        _count_skipped(run, loader, epoch, progress)
+    if log_row is not None and D.is_main():
+        for step_no, i, lr, alpha in rows:
+            log_row(step_no, {"loss": float(losses_host[i]), "lr": lr, "alpha": alpha, "epoch": epoch + 1})
+    if not math.isfinite(epoch_loss):
+        raise TrainingError(
+            f"pretrain loss became {epoch_loss} in epoch {epoch + 1}: lower pretrain base_lr "
+            f"({cfg.base_lr}) or set clip_grad"
+        )
+    bar.set_postfix(loss=f"{epoch_loss:.4f}")
+    return epoch_loss
+
+
+def _train_step(run: _Run, net: torch.nn.Module, batches, step: int) -> tuple[torch.Tensor, float, float]:
+    """One optimiser step (global ``step``, 0-based): the schedule's lr and alpha, ``accum_steps``
+    micro-batches forward and backward (DDP syncs the gradients on the last), clipping, AdamW.
+    Returns the step's loss (a device tensor), its lr and its alpha."""
+    cfg = run.cfg
+    lr, alpha = lr_at(cfg, step, run.steps_per_epoch), alpha_at(cfg, step, run.steps_per_epoch)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    step_loss = torch.zeros((), device=run.device)
+    for k in range(cfg.accum_steps):
+        x, masking = _batch_inputs(run, next(batches), alpha)
+        sync = k == cfg.accum_steps - 1 or run.world == 1
+        ctx = net.no_sync() if not sync else contextlib.nullcontext()
+        try:
+            with ctx, torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
+                loss, _ = net(x, masking)
+                (loss / cfg.accum_steps).backward()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise TrainingError(out_of_memory_advice(cfg, run.micro, run.world, run.device)) from None
+        step_loss += loss.detach() / cfg.accum_steps
+    if cfg.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return step_loss, lr, alpha
+
+
+def _batch_inputs(run: _Run, batch, alpha: float) -> tuple[torch.Tensor, Masking]:
+    """A loader micro-batch on the device: the normalised images (decoded here with decode: device)
+    and their masking (from the part maps at curriculum ``alpha`` and the loader's noise)."""
+    images, parts, _, noise = batch
+    if isinstance(images, EncodedImages):  # decode: device
+        images = decode_crop(images, run.cfg.img_size, run.device)
+    x = normalize(images.to(run.device, non_blocking=True).float() / 255)
+    masking = make_masking(run.cfg, parts.to(run.device, non_blocking=True), alpha, run.num_parts,
+                           noise=noise.to(run.device, non_blocking=True))  # fmt: skip
+    return x, masking
+
+
+def _count_skipped(run: _Run, loader, epoch: int, progress: _Progress) -> None:
+    """Add the epoch's corrupt samples (on_corrupt=skip) to ``progress``; fail past ``max_skip_fraction``."""
+    cfg = run.cfg
+    local = sum(c for c, _ in loader.skipped)
+    progress.skipped += int(D.sum_over_ranks(torch.tensor(local, dtype=torch.int64, device=run.device)))
+    progress.read += run.steps_per_epoch * cfg.batch_size
+    progress.examples = (progress.examples + [reason for _, reason in loader.skipped])[:5]  # this rank's first ones
+    if local:
+        log.warning("pretrain epoch %d: skipped %d corrupt sample(s) on rank %d, e.g. %s", epoch + 1, local,
+                    D.rank(), loader.skipped[0][1])  # fmt: skip
+    problem = skip_report(cfg, progress.skipped, progress.read + progress.skipped, progress.examples)
+    if problem:
+        raise TrainingError(problem)
+
+
+# resume checkpoints
+
+
+def _resume_store(cfg: PretrainConfig, part_shards: Path, resume_dir: str | Path) -> ResumeStore:
+    """The run's resume checkpoints, tied to its resolved config, its shards' index and this package's code."""
     code = [Path(__file__).with_name(n).read_bytes() for n in ("data.py", "decode.py", "masking.py", "model.py", "train.py")]
-    store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "pretrain"), file_sha256(part_shards / "index.json"),
-                                                *code))  # fmt: skip
-    start_epoch = 0
-    skipped, read, examples = 0, 0, []  # corrupt samples skipped / samples read, over all ranks (on_corrupt=skip)
-    state = store.load()  # every rank reads the same file (a shared filesystem under multi-node DDP)
-    if state is not None:
-        if cfg.loader_streams is None and state.get("world_size") != world:
-            log.warning("resuming a run saved with %s rank(s) on %s: with loader_streams null the data order from "
-                        "here on differs from an unbroken run's", state.get("world_size"), world)  # fmt: skip
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"])
-        skipped, read, examples = int(state.get("skipped", 0)), int(state.get("read", 0)), list(state.get("skip_examples", []))
-        if curve_rows is not None:
-            curve_rows[:] = state.get("curves", [])
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    if cfg.compile:
-        ddp = torch.compile(ddp)
-    noise_dim = noise_size(cfg.grid * cfg.grid, num_parts)
+    return ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "pretrain"), file_sha256(part_shards / "index.json"),
+                                               *code))  # fmt: skip
 
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"pretrain {cfg.masking}", unit="step",
-               disable=not D.is_main(), mininterval=1.0)  # fmt: skip
-    epoch_loss = float("nan")
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        loader = make_loader(shards, num_parts, cfg.img_size, cfg.grid, micro, steps_per_epoch * cfg.accum_steps,
-                             epoch, cfg.seed, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.shuffle_buffer,
-                             cfg.num_workers, cfg.loader_streams, noise_dim, cfg.decode, counts,
-                             cfg.on_corrupt)  # fmt: skip
-        batches = iter(loader)
-        losses, rows = [], []
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            lr, alpha = lr_at(cfg, step, steps_per_epoch), alpha_at(cfg, step, steps_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for k in range(cfg.accum_steps):
-                images, parts, _, noise = next(batches)
-                if isinstance(images, EncodedImages):  # decode: device
-                    images = decode_crop(images, cfg.img_size, device)
-                x = normalize(images.to(device, non_blocking=True).float() / 255)
-                masking = make_masking(cfg, parts.to(device, non_blocking=True), alpha, num_parts,
-                                       noise=noise.to(device, non_blocking=True))  # fmt: skip
-                sync = k == cfg.accum_steps - 1 or world == 1
-                ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
-                try:
-                    with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss, _ = ddp(x, masking)
-                        (loss / cfg.accum_steps).backward()
-                except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                    raise TrainingError(out_of_memory_advice(cfg, micro, world, device)) from None
-                step_loss += loss.detach() / cfg.accum_steps
-            if cfg.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            bar.update()
-            if (step + 1) % cfg.log_every == 0:
-                rows.append((step + 1, len(losses) - 1, lr, alpha))
-        losses_host = D.mean_over_ranks(torch.stack(losses)).cpu()  # the epoch's one host sync: none in the steps
-        epoch_loss = float(losses_host.mean())
-        if cfg.on_corrupt == "skip":
-            local = sum(c for c, _ in loader.skipped)
-            skipped += int(D.sum_over_ranks(torch.tensor(local, dtype=torch.int64, device=device)))
-            read += steps_per_epoch * cfg.batch_size
-            examples = (examples + [reason for _, reason in loader.skipped])[:5]  # this rank's first ones
-            if local:
-                log.warning("pretrain epoch %d: skipped %d corrupt sample(s) on rank %d, e.g. %s", epoch + 1, local,
-                            D.rank(), loader.skipped[0][1])  # fmt: skip
-            problem = skip_report(cfg, skipped, read + skipped, examples)
-            if problem:
-                raise TrainingError(problem)
-        if log_row is not None and D.is_main():
-            for step_no, i, lr, alpha in rows:
-                log_row(step_no, {"loss": float(losses_host[i]), "lr": lr, "alpha": alpha, "epoch": epoch + 1})
-        if not math.isfinite(epoch_loss):
-            raise TrainingError(
-                f"pretrain loss became {epoch_loss} in epoch {epoch + 1}: lower pretrain base_lr "
-                f"({cfg.base_lr}) or set clip_grad"
-            )
-        bar.set_postfix(loss=f"{epoch_loss:.4f}")
-        last = epoch + 1 == cfg.epochs
-        if D.is_main() and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
-            store.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                        "curves": list(curve_rows or []), "world_size": world, "skipped": skipped, "read": read,
-                        "skip_examples": examples})  # fmt: skip
-        D.barrier()
-    bar.close()
 
-    result: dict = {}
-    if D.is_main():
-        result = {"variant_masking": cfg.masking, "final_loss": None if math.isnan(epoch_loss) else epoch_loss,
-                  "epochs": cfg.epochs, "steps": total_steps, "images_seen": total_steps * cfg.batch_size,
-                  "skipped_samples": skipped, "skipped_examples": examples,
-                  "resumed_from_epoch": start_epoch}  # fmt: skip
-        meta = {"arch": cfg.arch, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
-                "depth": cfg.depth, "num_heads": cfg.num_heads, "masking": cfg.masking, "seed": cfg.seed,
-                "num_parts": num_parts, "part_shards_index_sha256": file_sha256(part_shards / "index.json"),
-                **{k: v for k, v in result.items() if k not in ("resumed_from_epoch", "skipped_examples")}}  # fmt: skip (same bytes resumed or not)
-        with atomic_output_dir(out_dir) as tmp:
-            save_backbone(model.encoder, tmp / "encoder.pth", dtype=torch.float32)
-            save_state(model, tmp / "mae.pth")
-            (tmp / "config.json").write_bytes(resolved_config(cfg, "pretrain"))
-            (tmp / "meta.json").write_bytes(json_bytes(meta))
-        if figures is not None:
-            figures(model.eval(), cfg, num_parts)
-        store.clear()
-    D.barrier()
-    D.cleanup()
+def _load_checkpoint(run: _Run, curve_rows: Optional[list]) -> _Progress:
+    """Restore the model, the optimiser and ``curve_rows`` from the newest resume checkpoint, if any;
+    returns the progress it saved (epoch 0 when there is none)."""
+    state = run.store.load()  # every rank reads the same file (a shared filesystem under multi-node DDP)
+    if state is None:
+        return _Progress()
+    if run.cfg.loader_streams is None and state.get("world_size") != run.world:
+        log.warning("resuming a run saved with %s rank(s) on %s: with loader_streams null the data order from "
+                    "here on differs from an unbroken run's", state.get("world_size"), run.world)  # fmt: skip
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    if curve_rows is not None:
+        curve_rows[:] = state.get("curves", [])
+    return _Progress(int(state["epoch"]), int(state.get("skipped", 0)), int(state.get("read", 0)),
+                     list(state.get("skip_examples", [])))  # fmt: skip
+
+
+def _save_checkpoint(run: _Run, progress: _Progress, curve_rows: Optional[list]) -> None:
+    """Rank 0, at an epoch end: the resume checkpoint (weights, optimiser, progress, curve rows so far)."""
+    run.store.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": progress.epoch,
+                    "curves": list(curve_rows or []), "world_size": run.world, "skipped": progress.skipped,
+                    "read": progress.read, "skip_examples": progress.examples})  # fmt: skip
+
+
+# outputs
+
+
+def _write_outputs(run: _Run, progress: _Progress, start_epoch: int, epoch_loss: float, out_dir: str | Path) -> dict:
+    """Rank 0: ``encoder.pth``, ``mae.pth``, ``config.json`` and ``meta.json`` into ``out_dir``, atomically;
+    returns the run's metrics. ``meta.json`` is the same whether the run was resumed or not."""
+    cfg = run.cfg
+    result = {"variant_masking": cfg.masking, "final_loss": None if math.isnan(epoch_loss) else epoch_loss,
+              "epochs": cfg.epochs, "steps": run.total_steps, "images_seen": run.total_steps * cfg.batch_size,
+              "skipped_samples": progress.skipped, "skipped_examples": progress.examples,
+              "resumed_from_epoch": start_epoch}  # fmt: skip
+    meta = {"arch": cfg.arch, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
+            "depth": cfg.depth, "num_heads": cfg.num_heads, "masking": cfg.masking, "seed": cfg.seed,
+            "num_parts": run.num_parts, "part_shards_index_sha256": file_sha256(run.part_shards / "index.json"),
+            **{k: v for k, v in result.items() if k not in ("resumed_from_epoch", "skipped_examples")}}  # fmt: skip
+    with atomic_output_dir(out_dir) as tmp:
+        save_backbone(run.model.encoder, tmp / "encoder.pth", dtype=torch.float32)
+        save_timm_export(run.model.encoder, tmp / "timm", cfg.arch,  # timm.create_model("local-dir:<out>/timm")
+                         {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
+                          "depth": cfg.depth, "num_heads": cfg.num_heads})  # fmt: skip
+        save_state(run.model, tmp / "mae.pth")
+        (tmp / "config.json").write_bytes(resolved_config(cfg, "pretrain"))
+        (tmp / "meta.json").write_bytes(json_bytes(meta))
     return result
 
 

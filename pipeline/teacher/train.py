@@ -18,9 +18,9 @@ from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
 from pipeline.config.teacher import TeacherTrainConfig
+from pipeline.data.augment import block_masks, jitter, random_resized_crop
 from pipeline.resume import ResumeStore
 from pipeline.data.images import normalize
-from pipeline.teacher.augment import block_masks, jitter, random_resized_crop
 from pipeline.teacher.ibot import (
     IBOTHead,
     IBOTLoss,

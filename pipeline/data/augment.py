@@ -1,4 +1,5 @@
-"""Batched multi-crop augmentation and block-wise patch masks for the iBOT objective.
+"""Batched image augmentation on tensors: random resized crops + flips and brightness/contrast jitter (the teacher's
+multi-crop views, the linear probe's training crops), and the block-wise patch masks of the iBOT objective.
 
 Crops are done for a whole batch at once with one ``grid_sample`` (random resized crop + flip as a
 per-image affine map), so the same code runs on CPU and GPU without a Python loop over images.
