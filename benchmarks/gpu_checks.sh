@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check of the scale issue in one run (a lent GPU session is short): the bf16 ViT-B/16 train
+# Every GPU check in one run, for a short session on a GPU machine: the bf16 ViT-B/16 train
 # step with semantic and random masking (eager and compiled), the loader with nvJPEG decode, the
 # masking cost, the pretrain stage end to end with decode: device, and a torchrun smoke of it. Prints
 # JSON lines; with OUT set, also writes them to $OUT/gpu_checks.jsonl. SMOKE_ONLY=1 runs only the
 # last two (they run on a CPU too).
 #
-# The GPU machine has torch, timm, pyarrow, typer and pillow but not webdataset or dvc: carry the
-# wheels of webdataset and its needs (braceexpand) in .whl (see the device tool's README), then from
+# On a GPU machine that has torch, timm, pyarrow, typer and pillow but not webdataset or dvc (and no
+# network), bring the wheels of webdataset and its needs (braceexpand) in .whl, then from
 # the repository root:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 #   bash benchmarks/gpu_checks.sh

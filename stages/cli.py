@@ -12,7 +12,7 @@ from typing import Callable
 import typer
 
 from pipeline.errors import PipelineError
-from stages import export_parts, extract, linprobe, prepare, pretrain, report, teacher, train_parts
+from stages import export_parts, extract, linprobe, prepare, pretrain, pretrain_figures, report, teacher, train_parts
 
 app = typer.Typer(
     name="semmae",
@@ -25,9 +25,10 @@ app = typer.Typer(
 
 
 # Stages that run in one process: under torchrun, ranks > 0 return at once (rank 0 does the work and
-# writes). prepare has its own worker processes; the part learner trains on cached features in minutes.
+# writes). prepare has its own worker processes; the part learner trains on cached features in minutes;
+# pretrain_figures draws a few images on the CPU.
 # teacher, extract, export_parts, pretrain and linprobe share their work across the ranks.
-RANK0_STAGES = {"check", "prepare", "train_parts", "report"}
+RANK0_STAGES = {"check", "prepare", "train_parts", "pretrain_figures", "report"}
 
 
 def _clean_errors(fn: Callable) -> Callable:
@@ -82,6 +83,7 @@ app.command("extract")(_clean_errors(extract.main))
 app.command("train_parts")(_clean_errors(train_parts.main))
 app.command("export_parts")(_clean_errors(export_parts.main))
 app.command("pretrain")(_clean_errors(pretrain.main))
+app.command("pretrain_figures")(_clean_errors(pretrain_figures.main))
 app.command("linprobe")(_clean_errors(linprobe.main))
 app.command("linprobe_reference")(_clean_errors(linprobe.reference))
 app.command("report")(_clean_errors(report.main))

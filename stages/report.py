@@ -1,4 +1,4 @@
-"""DVC stage ``report``: the SemMAE-vs-MAE table and figure from every linprobe metrics file."""
+"""DVC stage ``report``: the SemMAE-vs-MAE table, its CSV and summary metrics from every linprobe metrics file."""
 
 from __future__ import annotations
 
@@ -17,15 +17,18 @@ def main(
     linprobe: Path = typer.Option(Path("metrics/linprobe"), help="Directory of the linprobe metrics files."),
     pretrain: Path = typer.Option(Path("metrics/pretrain"), help="Directory of the pretrain metrics files."),
     out: Path = typer.Option(Path("reports/linprobe.md"), help="The markdown report."),
-    figure: Path = typer.Option(Path("plots/report/linprobe.png"), help="Bar chart of every row."),
-    metrics: Path = typer.Option(Path("metrics/report.json"), help="Rows and verdict as JSON."),
+    table: Path = typer.Option(Path("reports/linprobe.csv"), help="Every row as CSV (DVC bar plots)."),
+    pretrain_curves: Path = typer.Option(Path("metrics/pretrain_curves"), help="Directory of the pretrain curves."),
+    linprobe_curves: Path = typer.Option(Path("metrics/linprobe_curves"), help="Directory of the probe curves."),
+    curves: Path = typer.Option(Path("reports/curves"), help="pretrain.tsv and linprobe.tsv: every run's curves with a run column (DVC plots overlay them)."),
+    metrics: Path = typer.Option(Path("metrics/report.json"), help="Per row and metric: mean and sd; the verdict's numbers."),
 ) -> None:
     """One row per pretrain variant (mean ± spread over pretrain.seeds) and per reference; says plainly
     whether SemMAE (variant 'semantic') beat MAE (variant 'random') above seed noise."""
     from pipeline.config.base import load_stage_config
     from pipeline.config.linprobe import LinprobeConfig
     from pipeline.config.pretrain import load_pretrain_config, pretrain_runs
-    from pipeline.eval.report import collect_rows, render_figure, render_markdown, verdict
+    from pipeline.eval.report import collect_rows, merge_curves, render_csv, render_markdown, summary_metrics, verdict
 
     variants, seeds = pretrain_runs(params)
     probe = load_stage_config(LinprobeConfig, params, "linprobe")
@@ -40,6 +43,9 @@ def main(
         f"{probe.base_lr}, LARS (momentum {probe.momentum}, trust {probe.trust_coefficient}), k-NN k={probe.knn_k}",
     }  # fmt: skip
     atomic_write_bytes(out, render_markdown(rows, result, context).encode())
-    render_figure(rows, figure)
-    atomic_write_json(metrics, {"verdict": result, "rows": rows})
+    atomic_write_bytes(table, render_csv(rows).encode())
+    runs = [f"{v}-{s}" for v in variants for s in seeds]
+    atomic_write_bytes(curves / "pretrain.tsv", merge_curves(pretrain_curves, runs).encode())
+    atomic_write_bytes(curves / "linprobe.tsv", merge_curves(linprobe_curves, runs).encode())
+    atomic_write_json(metrics, summary_metrics(rows, result))
     log.info("%s", result["text"])

@@ -84,6 +84,10 @@ def fabricate(root: Path, tops: dict[str, list[float]]) -> None:
             (root / "metrics" / "linprobe" / f"{variant}-{seed}.json").write_text(
                 json.dumps({"top1": top1, "top5": 0.99, "knn_top1": top1 - 0.02}))
             (root / "metrics" / "pretrain" / f"{variant}-{seed}.json").write_text(json.dumps({"final_loss": 0.5}))
+            for kind, cols in (("pretrain_curves", "loss\tlr\talpha"), ("linprobe_curves", "loss\ttrain_top1")):
+                (root / "metrics" / kind).mkdir(exist_ok=True)
+                rows = "".join(f"{s}\t" + "\t".join([f"{top1 + s}"] * len(cols.split())) + "\n" for s in range(3))
+                (root / "metrics" / kind / f"{variant}-{seed}.tsv").write_text(f"step\t{cols}\n{rows}")
     ref = {"top1": 0.5, "top5": 0.9, "knn_top1": 0.45}
     (root / "metrics" / "linprobe" / "reference.json").write_text(json.dumps({"raw_pixels": ref, "random_encoder": ref}))
 
@@ -102,11 +106,17 @@ def test_report_renders_from_fabricated_metrics(tmp_path, tops, expected):
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "reports" / "linprobe.md").read_text()
     assert expected in md
-    for row in ("| semantic | masking=semantic |", "| random | masking=random |", "| raw pixels |",
+    for row in ("| SemMAE (semantic masking) | masking=semantic |", "| MAE (random masking) | masking=random |", "| raw pixels |",
                 "| random encoder (no pretraining) |"):  # fmt: skip
         assert row in md
-    assert (tmp_path / "plots" / "report" / "linprobe.png").stat().st_size > 1000
+    table = (tmp_path / "reports" / "linprobe.csv").read_text().splitlines()
+    assert table[0] == "row,seeds,top1,top1_sd,top5,top5_sd,knn_top1,knn_top1_sd" and len(table) == 5
+    assert f"MAE (random masking),{len(seeds)},{100 * sum(tops['random']) / len(seeds):.2f}," in "\n".join(table)
+    curves = (tmp_path / "reports" / "curves" / "pretrain.tsv").read_text().splitlines()
+    assert curves[0] == "run\tstep\tloss\tlr\talpha" and len(curves) == 1 + 3 * 2 * len(seeds)  # every run's rows
+    assert {line.split("\t")[0] for line in curves[1:]} == {f"{v}-{s}" for v in tops for s in seeds}
     summary = json.loads((tmp_path / "metrics" / "report.json").read_text())
+    assert all(isinstance(v, (int, float)) for row in summary.values() for v in row.values())  # numbers only
     assert summary["verdict"]["semantic_minus_random_top1"] == pytest.approx(
         sum(tops["semantic"]) / len(seeds) - sum(tops["random"]) / len(seeds))
 

@@ -1,4 +1,4 @@
-"""Masking properties: METHOD.md Stage 2, on random part maps with fixed seeds."""
+"""Masking properties: the semantic masking of docs/method.md, on random part maps with fixed seeds."""
 
 import math
 

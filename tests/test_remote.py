@@ -148,7 +148,7 @@ def data_digest(repo: Path) -> dict[str, str]:
             for p in sorted((repo / "data").rglob("*")) if p.is_file()}  # fmt: skip
 
 
-RANDOM_RUN = ["linprobe@random-0", "pretrain@random-0", "report"]
+RANDOM_RUN = ["linprobe@random-0", "pretrain@random-0", "pretrain_figures@random-0", "report"]
 
 
 def interrupted_push(repo: Path, s3: S3Server) -> str:
@@ -182,12 +182,34 @@ def test_share_through_s3_push_clone_pull_change_revert(tmp_path, s3, fake_fmnis
     committed = (origin / ".dvc" / "config").read_text()
     assert KEY not in committed and SECRET not in committed  # credentials stay in .dvc/config.local
     run(["dvc", "repro"], origin)
-    # no stage writes a file it does not declare (metrics/plots/reports are declared, uncommitted here)
+    # no stage writes a file it does not declare; metrics, curves and the report are for git (cache: false)
     status = run(["git", "status", "--porcelain", "--untracked-files=all"], origin).stdout.splitlines()
     assert sorted(line[3:] for line in status if not line[3:].startswith(("metrics/", "plots/", "reports/"))) == [
         ".dvc/config", "dvc.lock", "params.yaml"], status
+    for name in ("metrics/report.json", "metrics/pretrain/semantic-0.json", "reports/linprobe.csv",
+                 "reports/curves/pretrain.tsv", "metrics/linprobe_curves/random-0.tsv"):  # fmt: skip
+        assert f"?? {name}" in status, f"{name} is not left for git to commit"
     git(origin, "add", "-A")
     git(origin, "commit", "-qm", "small run")
+    # a second commit with another probe setting: its metrics differ from the first's
+    params = yaml.safe_load((origin / "params.yaml").read_text())
+    params["linprobe"]["knn_k"] = 5
+    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(run(["dvc", "repro"], origin).stdout) == ["linprobe@random-0", "linprobe@semantic-0",
+                                                         "linprobe_reference", "report"]  # fmt: skip
+    git(origin, "add", "-A")
+    git(origin, "commit", "-qm", "knn_k 5")
+
+    # a plain clone, nothing pulled, no credentials: metrics and plots compare across commits from git alone
+    plain = tmp_path / "plain"
+    run(["git", "clone", "-q", str(origin), str(plain)], tmp_path)
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "--all", "--json"], plain).stdout)
+    knn = diff["metrics/linprobe/semantic-0.json"]["knn_top1"]
+    assert knn["old"] is not None and knn["new"] is not None, diff
+    assert "metrics/report.json" in diff, diff
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "--json"], plain).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    assert {r["rev"] for r in plots["data"]["pretrain_loss"][0]["content"]["data"]["values"]} == {"HEAD~1", "workspace"}
 
     # a push interrupted by the server dying completes after a restart
     interrupted_push(origin, s3)

@@ -136,7 +136,7 @@ def probe_pretrained(cfg: LinprobeConfig, prepared: str | Path, pretrain_dir: st
 def probe_references(cfg: LinprobeConfig, prepared: str | Path, shape: dict, device: torch.device) -> dict:
     """The rows that need no pretraining: raw pixels, and a random encoder of ``shape`` (MAE's init)."""
     from pipeline.config.pretrain import PretrainConfig
-    from pipeline.mae.train import build_mae
+    from pipeline.mae.model import build_mae
 
     encoder = build_mae(PretrainConfig(**{k: shape[k] for k in SHAPE_KEYS}, seed=cfg.seed)).encoder
     encoders = {"raw pixels": pixel_encoder(cfg.pixel_size), "random encoder": vit_encoder(encoder, device)}

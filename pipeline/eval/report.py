@@ -1,4 +1,4 @@
-"""The ``report`` stage's logic: one table and one figure comparing every probed encoder.
+"""The ``report`` stage's logic: one table, one CSV for DVC's bar plots, and the summary metrics.
 
 Rows: each pretrain variant (mean and spread over its seeds), then the references that need no
 pretraining (random encoder, raw pixels). The verdict compares SemMAE (the ``semantic`` variant)
@@ -7,18 +7,14 @@ with MAE (``random``) and says plainly when the difference is within seed noise 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import statistics
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_bytes
 
-__all__ = ["collect_rows", "verdict", "render_markdown", "render_figure", "ReportError"]
+__all__ = ["collect_rows", "verdict", "render_markdown", "render_csv", "summary_metrics", "row_label", "merge_curves", "ReportError"]
 
 METRICS = (("top1", "linear top-1"), ("top5", "linear top-5"), ("knn_top1", "k-NN top-1"))
 
@@ -107,44 +103,70 @@ def render_markdown(rows: list[dict], result: dict, context: dict) -> str:
         seeds = ",".join(map(str, r["seeds"])) or "–"
         loss = r.get("pretrain_loss")
         loss_text = "–" if loss is None else (f"{loss['mean']:.4f}" if loss["std"] is None else f"{loss['mean']:.4f} ± {loss['std']:.4f}")
-        lines.append(f"| {r['name']} | {settings} | {seeds} | " + " | ".join(_fmt(r.get(k)) for k, _ in METRICS)
+        lines.append(f"| {row_label(r['name'])} | {settings} | {seeds} | " + " | ".join(_fmt(r.get(k)) for k, _ in METRICS)
                      + f" | {loss_text} |")  # fmt: skip
     lines += ["", "Accuracies in % (mean ± standard deviation over seeds). Settings:", ""]
     lines += [f"- {k}: {v}" for k, v in context.items()]
     return "\n".join(lines) + "\n"
 
 
-def render_figure(rows: list[dict], path: str | Path, width: int = 720) -> None:
-    """Horizontal bars of linear top-1 and k-NN top-1 per row, with seed spread as whiskers."""
-    bar_h, gap, left, top = 14, 14, 230, 30
-    height = top + len(rows) * (2 * bar_h + gap) + 30
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    scale = (width - left - 60) / 100.0
-    d.text((left, 8), "accuracy (%)   ", fill="black")
-    d.rectangle((left + 120, 10, left + 130, 20), fill=(31, 119, 180))
-    d.text((left + 135, 8), "linear top-1", fill="black")
-    d.rectangle((left + 230, 10, left + 240, 20), fill=(255, 127, 14))
-    d.text((left + 245, 8), "k-NN top-1", fill="black")
-    for i, r in enumerate(rows):
-        y = top + i * (2 * bar_h + gap)
-        d.text((6, y + bar_h // 2), r["name"][:36], fill="black")
-        for j, (key, colour) in enumerate((("top1", (31, 119, 180)), ("knn_top1", (255, 127, 14)))):
+def row_label(name: str) -> str:
+    """How a row is named in tables and plots: the variants SemMAE compares get their method's name, so the
+    MAE baseline ("random" masking) is never confused with the "random encoder" reference."""
+    return {"semantic": "SemMAE (semantic masking)", "random": "MAE (random masking)"}.get(name, name)
+
+
+def render_csv(rows: list[dict]) -> str:
+    """One line per row (mean and standard deviation over seeds, in %), for DVC's bar plots: ``dvc plots
+    show`` draws it, ``dvc plots diff`` overlays it across experiments and commits."""
+    head = ["row", "seeds"] + [f"{key}{suffix}" for key, _ in METRICS for suffix in ("", "_sd")]
+    lines = [",".join(head)]
+    for r in rows:
+        cells = [row_label(r["name"]).replace(",", ";"), str(max(1, len(r["seeds"])))]
+        for key, _ in METRICS:
             s = r.get(key)
-            if s is None:
-                continue
-            y0 = y + j * bar_h
-            x1 = left + 100 * s["mean"] * scale
-            d.rectangle((left, y0, x1, y0 + bar_h - 2), fill=colour)
-            d.text((x1 + 4, y0), f"{100 * s['mean']:.1f}", fill="black")
-            if s["std"]:
-                lo, hi = left + 100 * (s["mean"] - s["std"]) * scale, left + 100 * (s["mean"] + s["std"]) * scale
-                d.line((lo, y0 + bar_h // 2, hi, y0 + bar_h // 2), fill="black", width=1)
-    for tick in range(0, 101, 20):
-        x = left + tick * scale
-        d.line((x, height - 26, x, height - 22), fill="black")
-        d.text((x - 6, height - 20), str(tick), fill="black")
-    d.line((left, height - 26, left + 100 * scale, height - 26), fill="black")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+            cells += ["", ""] if s is None else [f"{100 * s['mean']:.2f}", f"{100 * (s['std'] or 0.0):.2f}"]
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def summary_metrics(rows: list[dict], result: dict) -> dict:
+    """The numbers a person compares (``dvc metrics show/diff``): per row and metric the mean and standard
+    deviation over seeds, and the verdict's numbers. No text, lists or settings (those are in the report)."""
+    out: dict = {}
+    for r in rows:
+        entry = {}
+        for key, _ in (*METRICS, ("pretrain_loss", "")):
+            s = r.get(key)
+            if s is not None:
+                entry[key] = round(s["mean"], 6)
+                if s["std"] is not None:
+                    entry[f"{key}_sd"] = round(s["std"], 6)
+        key = r["name"] if r["kind"] == "pretrained" else "reference_" + r["name"].split(" (")[0].replace(" ", "_")
+        out[key] = entry
+    out["verdict"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+    return out
+
+
+def merge_curves(curve_dir: Path, runs: list[str]) -> str:
+    """The per-run curve TSVs of ``curve_dir`` (``<run>.tsv``, a ``step`` column and values) as one long TSV
+    with a ``run`` column, so one DVC plot overlays every run, whatever the variants and seeds."""
+    columns: list[str] = []
+    tables = []
+    for run in runs:
+        path = curve_dir / f"{run}.tsv"
+        if not path.is_file():
+            raise ReportError(f"{path} not found: run the stage that writes it (dvc repro)")
+        lines = path.read_text().splitlines()
+        if not lines or lines[0].split("\t")[0] != "step":
+            raise ReportError(f"{path}: not a curve file (its first column must be 'step')")
+        head = lines[0].split("\t")
+        columns += [c for c in head if c not in columns]
+        tables.append((run, head, [line.split("\t") for line in lines[1:] if line]))
+    out = ["\t".join(["run", *columns])]
+    for run, head, rows in tables:
+        for cells in rows:
+            row = dict(zip(head, cells))
+            out.append("\t".join([run, *(row.get(c, "") for c in columns)]))
+    return "\n".join(out) + "\n"

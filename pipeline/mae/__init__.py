@@ -1,1 +1,1 @@
-"""MAE pretraining with random or semantic-guided masking (SemMAE, METHOD.md Stages 2-3)."""
+"""MAE pretraining with random or semantic-guided masking (SemMAE; docs/method.md)."""

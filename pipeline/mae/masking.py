@@ -5,7 +5,7 @@ Both return MAE's machinery unchanged: ``ids_shuffle [B, L]`` (kept patches firs
 ``len_keep = int(L * (1 - mask_ratio))`` visible patches per image. Everything is batched tensor
 work on the input's device: no Python loop over images or parts.
 
-Semantic-guided masking (METHOD.md, Stage 2): for an image whose patches belong to parts with sizes
+Semantic-guided masking (docs/method.md): for an image whose patches belong to parts with sizes
 ``a_k``,
 
 - ``m1_k = round(r * a_k)``: the same share inside every part (alpha = 0, intra-part patterns);

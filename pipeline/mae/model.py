@@ -12,7 +12,7 @@ Phases, as in MAE: ``patchify``, ``forward_encoder`` (visible patches only, give
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import timm
 import torch
@@ -22,7 +22,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from pipeline.mae.masking import Masking
 
-__all__ = ["MaskedAutoencoder", "sincos_pos_embed"]
+if TYPE_CHECKING:
+    from pipeline.config.pretrain import PretrainConfig
+
+__all__ = ["MaskedAutoencoder", "sincos_pos_embed", "build_mae"]
 
 
 def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
@@ -142,3 +145,11 @@ class MaskedAutoencoder(nn.Module):
         if mask is not None:
             pred = torch.where(mask.unsqueeze(-1).bool(), pred, target)
         return self.unpatchify(pred)
+
+
+def build_mae(cfg: "PretrainConfig") -> MaskedAutoencoder:
+    """The MAE of a pretrain config, initialised from its seed (what pretraining starts from)."""
+    torch.manual_seed(cfg.seed)
+    return MaskedAutoencoder(cfg.arch, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                             cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
+                             norm_pix_loss=cfg.norm_pix_loss)  # fmt: skip

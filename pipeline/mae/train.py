@@ -42,7 +42,7 @@ from pipeline.mae.masking import (
     noise_size,
     semantic_masking,
 )
-from pipeline.mae.model import MaskedAutoencoder
+from pipeline.mae.model import MaskedAutoencoder, build_mae
 from pipeline.models.checkpoint import save_backbone, save_timm_export
 from pipeline.resume import ResumeStore, fingerprint
 from pipeline.schedule import warmup_cosine
@@ -54,13 +54,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(PipelineError):
     """Training cannot go on (e.g. the loss became NaN); the message says what to change."""
-
-
-def build_mae(cfg: PretrainConfig) -> MaskedAutoencoder:
-    torch.manual_seed(cfg.seed)
-    return MaskedAutoencoder(cfg.arch, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                             cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
-                             norm_pix_loss=cfg.norm_pix_loss)  # fmt: skip
 
 
 def lr_at(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:

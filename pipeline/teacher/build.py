@@ -21,7 +21,7 @@ from pipeline.data.images import load_split
 from pipeline.data.shards import read_index
 from pipeline.eval.encode import encode_splits, vit_encoder
 from pipeline.eval.knn import knn_accuracy
-from pipeline.io import atomic_output_dir, file_sha256
+from pipeline.io import atomic_output_dir, file_sha256, json_bytes
 from pipeline.resume import ResumeStore, fingerprint
 from pipeline.models.checkpoint import (
     CheckpointError,
@@ -59,9 +59,10 @@ def build_teacher(
         raise CheckpointError("teacher.init: train runs in one process (the images are held in memory): run the "
                               "teacher stage without torchrun; its k-NN check of a checkpoint does use every rank")  # fmt: skip
     metrics: dict = {"init": cfg.init}
+    provenance: dict = {"source": "trained here (teacher.init: train)"}
     store: Optional[ResumeStore] = None
     if cfg.init == "checkpoint":
-        metrics["source_sha256"] = file_sha256(cfg.checkpoint)
+        provenance = {"source": str(cfg.checkpoint), "source_sha256": file_sha256(cfg.checkpoint)}
     else:  # the in-pipeline teacher trains on the train split held in memory (small datasets)
         train_x, _, _ = load_split(prepared_dir, "train", cfg.img_size)
         if resume_dir is not None:  # a killed training continues from its last epoch
@@ -94,7 +95,7 @@ def build_teacher(
     with atomic_output_dir(out_dir) as tmp:
         save_backbone(vit, tmp / CHECKPOINT_NAME, dtype=getattr(torch, cfg.save_dtype))
         (tmp / "config.json").write_bytes(resolved_config(cfg, "teacher"))
-    metrics["checkpoint_sha256"] = file_sha256(Path(out_dir) / CHECKPOINT_NAME)
+        (tmp / "meta.json").write_bytes(json_bytes(provenance))  # provenance stays out of the metrics
     if store is not None:
         store.clear()  # the outputs are written: nothing to resume
     D.cleanup()
