@@ -46,7 +46,7 @@ def grey_images(n: int = 6, size: int = 16) -> torch.Tensor:
 def test_a_perfect_prediction_of_grey_images_is_drawn_grey_and_equal_to_the_input(norm_pix_loss):
     """The prediction that makes the training loss zero (the true normalised patch targets) must come out of
     the figure's un-normalisation (per-patch mean/std, then ImageNet mean/std) as the input pixels."""
-    cfg = PretrainConfig(**TINY, norm_pix_loss=norm_pix_loss)
+    cfg = PretrainConfig(**TINY, norm_pix_loss=norm_pix_loss, loss_target="input")  # MAE's target space
     model = build_mae(cfg)
     images = grey_images()
     x = normalize(images.float() / 255)
@@ -148,3 +148,49 @@ def test_missing_or_malformed_run_files_are_named_in_the_error(tmp_path):
     (run / "config.json").unlink()
     with pytest.raises(FigureError, match=r"config\.json not found"):
         draw_pretrain_figures(run, shards, tmp_path / "out")
+
+
+@pytest.mark.parametrize("loss_target", ["input", "pixels"])
+def test_the_exact_target_is_drawn_as_the_input_for_either_loss_target(loss_target):
+    """Whatever the model predicts (its targets in input or in pixel space), the figure draws its exact target
+    as the input pixels."""
+    model = build_mae(PretrainConfig(**TINY, loss_target=loss_target))
+    images = grey_images()
+    x = normalize(images.float() / 255)
+    target = model.patchify(model.target_images(x))
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    assert model.forward_loss(x, target, torch.ones(target.shape[:2])).item() < 1e-10
+    assert np.abs(reconstruction_pixels(model, x, target).astype(int) - images.numpy()).max() <= 1
+
+
+def test_a_trained_model_reconstructs_grey_images_grey_with_pixel_targets():
+    """On a model trained to reconstruct, grey garments on black come back grey with loss_target: pixels.
+    MAE's own target (the normalised input) carries ImageNet's per-channel offsets divided by each patch's
+    contrast, which the model cannot know for a masked patch: the same model turns them blue."""
+    g = torch.Generator().manual_seed(0)
+    grey = torch.zeros(16, 1, 16, 16)
+    for i in range(len(grey)):  # a textured grey object on a black background, like Fashion-MNIST
+        (t, left), (b, right) = torch.randint(1, 6, (2,), generator=g).tolist(), torch.randint(10, 15, (2,), generator=g).tolist()
+        level = torch.randint(80, 230, (1,), generator=g).item()
+        grey[i, 0, t:b, left:right] = level + 60 * torch.randn(b - t, right - left, generator=g)
+    images = grey.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)
+    x = normalize(images.float() / 255)
+    on_object = images.numpy()[:, 0] > 0
+    tint = {}
+    for loss_target in ("input", "pixels"):
+        torch.manual_seed(0)
+        model = build_mae(PretrainConfig(**TINY, loss_target=loss_target))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(150):
+            loss, _ = model(x, random_masking(len(x), model.num_patches, 0.5, torch.Generator().manual_seed(step)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            _, pred = model(x, random_masking(len(x), model.num_patches, 0.5, torch.Generator().manual_seed(999)))
+            rec = reconstruction_pixels(model, x, pred).astype(int)
+        error = np.abs(rec - images.numpy()).mean()
+        assert error < 35, f"{loss_target}: the model does not reconstruct (mean error {error:.1f} levels)"
+        tint[loss_target] = (rec[:, 2] - rec[:, 0])[on_object].mean()  # the signed cast: blue minus red
+    assert abs(tint["pixels"]) < 4, f"grey objects reconstruct with a cast of {tint['pixels']:+.1f} levels"
+    assert tint["input"] > 10, tint  # MAE's target space: the blue cast, on the same model and images

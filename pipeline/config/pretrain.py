@@ -33,6 +33,9 @@ class PretrainConfig(StageConfig):
     decoder_depth: int = Field(2, gt=0)
     decoder_num_heads: int = Field(4, gt=0)
     norm_pix_loss: bool = Field(True, description="Targets normalised by each patch's own mean and variance.")
+    loss_target: Literal["input", "pixels"] = Field(
+        "pixels", description="input: patches of the ImageNet-normalised model input (MAE's code); pixels: patches of "
+        "the [0, 1] pixels (a grey image then has colourless targets; see docs/stages.md, pretrain figures).")
     # masking
     masking: Literal["semantic", "random"] = Field(
         "semantic", description="semantic: SemMAE's part-guided masking; random: plain MAE."

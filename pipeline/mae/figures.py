@@ -129,9 +129,9 @@ def reconstruction_figure(model: MaskedAutoencoder, cfg: PretrainConfig, images:
                f"{cfg.mask_ratio:.0%} of the patches masked{at}; magenta = masked patch")  # fmt: skip
     if cfg.norm_pix_loss:
         caption += ". Each masked patch is un-normalised with its true mean and std (norm_pix_loss)"
-        if bool((images == images[:, :1]).all()):
+        if cfg.loss_target == "input" and bool((images == images[:, :1]).all()):
             caption += ("; the inputs are grey, so any tint is the model's prediction: a grey patch's target carries "
-                        "ImageNet's per-channel offsets divided by the patch's contrast")  # fmt: skip
+                        "ImageNet's per-channel offsets divided by the patch's contrast (loss_target: pixels avoids it)")  # fmt: skip
     return render_grid(rows, ["image", "part map", "masked input", "reconstruction", "reconstruction + visible"],
                        caption)  # fmt: skip
 

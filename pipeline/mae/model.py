@@ -20,6 +20,7 @@ import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from pipeline.data.images import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.mae.masking import Masking
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class MaskedAutoencoder(nn.Module):
     def __init__(
         self, arch: str = "vit_tiny_patch16_224", img_size: int = 32, patch_size: int = 4, embed_dim: int = 192,
         depth: int = 6, num_heads: int = 3, decoder_embed_dim: int = 128, decoder_depth: int = 2,
-        decoder_num_heads: int = 4, mlp_ratio: float = 4.0, norm_pix_loss: bool = True,
+        decoder_num_heads: int = 4, mlp_ratio: float = 4.0, norm_pix_loss: bool = True, loss_target: str = "input",
     ) -> None:  # fmt: skip
         super().__init__()
         encoder = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size,
@@ -50,6 +51,12 @@ class MaskedAutoencoder(nn.Module):
         self.grid = img_size // patch_size
         self.num_patches = self.grid * self.grid
         self.norm_pix_loss = norm_pix_loss
+        if loss_target not in ("input", "pixels"):
+            raise ValueError(f"loss_target must be 'input' or 'pixels', not {loss_target!r}")
+        self.loss_target = loss_target
+        # the input's normalisation (pipeline.data.images.normalize), undone for loss_target == "pixels"
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -115,9 +122,16 @@ class MaskedAutoencoder(nn.Module):
         x = self.decoder_norm(self.decoder_blocks(x))
         return self.decoder_pred(x)[:, 1:]
 
+    def target_images(self, imgs: torch.Tensor) -> torch.Tensor:
+        """What the decoder learns to predict, as images: the normalised input itself (``loss_target``
+        "input", MAE's code) or its [0, 1] pixels ("pixels")."""
+        if self.loss_target == "input":
+            return imgs
+        return imgs.float() * self.pixel_std + self.pixel_mean
+
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean over masked patches of the per-patch MSE (targets normalised per patch when ``norm_pix_loss``)."""
-        target = self.patchify(imgs)
+        target = self.patchify(self.target_images(imgs))
         if self.norm_pix_loss:
             mean = target.mean(-1, keepdim=True)
             var = target.var(-1, keepdim=True)
@@ -135,16 +149,17 @@ class MaskedAutoencoder(nn.Module):
         return self.encoder.state_dict()
 
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Predicted pixels as images, de-normalised with each target patch's own statistics when
-        ``norm_pix_loss``; where ``mask`` is 0 the visible input patch is pasted back."""
-        target = self.patchify(imgs)
+        """Predicted images in the input's (normalised) space, de-normalised with each target patch's own
+        statistics when ``norm_pix_loss``; where ``mask`` is 0 the visible input patch is pasted back."""
+        target = self.patchify(self.target_images(imgs))
         pred = pred.float()
         if self.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             pred = pred * (var + 1e-6) ** 0.5 + mean
         if mask is not None:
             pred = torch.where(mask.unsqueeze(-1).bool(), pred, target)
-        return self.unpatchify(pred)
+        out = self.unpatchify(pred)
+        return out if self.loss_target == "input" else (out - self.pixel_mean) / self.pixel_std
 
 
 def build_mae(cfg: "PretrainConfig") -> MaskedAutoencoder:
@@ -152,4 +167,4 @@ def build_mae(cfg: "PretrainConfig") -> MaskedAutoencoder:
     torch.manual_seed(cfg.seed)
     return MaskedAutoencoder(cfg.arch, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
                              cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
-                             norm_pix_loss=cfg.norm_pix_loss)  # fmt: skip
+                             norm_pix_loss=cfg.norm_pix_loss, loss_target=cfg.loss_target)  # fmt: skip
