@@ -1,9 +1,10 @@
-"""DVC stage ``report``: the SemMAE-vs-MAE table, its CSV and summary metrics from every linprobe metrics file."""
+"""DVC stage ``report``: the SemMAE-vs-MAE table, its CSV, every run's curves and the summary metrics (all for git) from every linprobe metrics file."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -22,13 +23,15 @@ def main(
     linprobe_curves: Path = typer.Option(Path("metrics/linprobe_curves"), help="Directory of the probe curves."),
     curves: Path = typer.Option(Path("reports/curves"), help="pretrain.tsv and linprobe.tsv: every run's curves with a run column (DVC plots overlay them)."),
     metrics: Path = typer.Option(Path("metrics/report.json"), help="Per row and metric: mean and sd; the verdict's numbers."),
+    teacher: Optional[Path] = typer.Option(None, help="The teacher's metrics (its k-NN check joins the summary)."),
+    parts: Optional[Path] = typer.Option(None, help="The part learner's metrics (its part quality joins the summary)."),
 ) -> None:
     """One row per pretrain variant (mean ± spread over pretrain.seeds) and per reference; says plainly
     whether SemMAE (variant 'semantic') beat MAE (variant 'random') above seed noise."""
     from pipeline.config.base import load_stage_config
     from pipeline.config.linprobe import LinprobeConfig
     from pipeline.config.pretrain import load_pretrain_config, pretrain_runs
-    from pipeline.eval.report import collect_rows, merge_curves, render_csv, render_markdown, summary_metrics, verdict
+    from pipeline.eval.report import collect_rows, merge_curves, render_csv, render_markdown, summary_metrics, upstream_numbers, verdict
 
     variants, seeds = pretrain_runs(params)
     probe = load_stage_config(LinprobeConfig, params, "linprobe")
@@ -47,5 +50,5 @@ def main(
     runs = [f"{v}-{s}" for v in variants for s in seeds]
     atomic_write_bytes(curves / "pretrain.tsv", merge_curves(pretrain_curves, runs).encode())
     atomic_write_bytes(curves / "linprobe.tsv", merge_curves(linprobe_curves, runs).encode())
-    atomic_write_json(metrics, summary_metrics(rows, result))
+    atomic_write_json(metrics, summary_metrics(rows, result, upstream_numbers(teacher, parts)))
     log.info("%s", result["text"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-__all__ = ["collect_rows", "verdict", "render_markdown", "render_csv", "summary_metrics", "row_label", "merge_curves", "ReportError"]
+__all__ = ["collect_rows", "verdict", "render_markdown", "render_csv", "summary_metrics", "row_label", "merge_curves", "upstream_numbers", "ReportError"]
 
 METRICS = (("top1", "linear top-1"), ("top5", "linear top-5"), ("knn_top1", "k-NN top-1"))
 
@@ -130,10 +130,28 @@ def render_csv(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_metrics(rows: list[dict], result: dict) -> dict:
+UPSTREAM = {"teacher": ("knn_teacher", "knn_random_vit", "knn_raw_pixels"),
+            "parts": ("coherence", "coherence_gain", "min_share", "max_share")}
+
+
+def upstream_numbers(teacher: Path | None, parts: Path | None) -> dict:
+    """The few upstream numbers worth comparing across commits next to the results: the teacher's k-NN
+    check and the learned parts' quality (from the stages' own metrics files)."""
+    out = {}
+    if teacher is not None:
+        t = _load(teacher)
+        out["teacher"] = {k: t[k] for k in UPSTREAM["teacher"] if isinstance(t.get(k), (int, float))}
+    if parts is not None:
+        q = _load(parts).get("parts", {})
+        out["parts"] = {k: round(q[k], 6) for k in UPSTREAM["parts"] if isinstance(q.get(k), (int, float))}
+    return out
+
+
+def summary_metrics(rows: list[dict], result: dict, upstream: dict | None = None) -> dict:
     """The numbers a person compares (``dvc metrics show/diff``): per row and metric the mean and standard
-    deviation over seeds, and the verdict's numbers. No text, lists or settings (those are in the report)."""
-    out: dict = {}
+    deviation over seeds, the verdict's numbers, and ``upstream`` (:func:`upstream_numbers`). No text,
+    lists or settings (those are in the report)."""
+    out: dict = dict(upstream or {})
     for r in rows:
         entry = {}
         for key, _ in (*METRICS, ("pretrain_loss", "")):
