@@ -168,10 +168,10 @@ def plots_and_metrics_read_clean(repo: Path) -> None:
     and `dvc metrics show` holds numbers a person compares (no hashes, no provenance strings)."""
     shown = run_json(["dvc", "plots", "show", "--json"], repo)
     assert not shown.get("errors"), shown.get("errors")
-    loss = shown["data"]["pretrain_loss"][0]["content"]
+    loss = shown["data"]["reports/curves/pretrain.tsv"][0]["content"]
     assert {row["run"] for row in loss["data"]["values"]} == {"semantic-0", "random-0"}  # one chart, both runs
     assert shown["data"]["teacher_training"][0]["content"]["data"]["values"]  # the shipped teacher's record
-    bars = shown["data"]["report_linear_top1"][0]["content"]["data"]["values"]
+    bars = shown["data"]["reports/linprobe.csv"][0]["content"]["data"]["values"]
     assert {"SemMAE (semantic masking)", "MAE (random masking)", "raw pixels"} <= {b["row"] for b in bars}
     assert any(p.endswith("reconstruction.png") for p in shown["data"])  # the figure stage's images
     metrics = run_json(["dvc", "metrics", "show", "--json"], repo)
@@ -180,6 +180,6 @@ def plots_and_metrics_read_clean(repo: Path) -> None:
         return [x for v in obj.values() for x in leaves(v)] if isinstance(obj, dict) else [obj]
 
     strings = [v for v in leaves(metrics) if isinstance(v, str)]
-    summary = metrics["workspace"]["data"]["metrics/report.json"]["data"]
+    summary = next(iter(metrics.values()))["data"]["metrics/report.json"]["data"]
     assert summary["teacher"]["knn_teacher"] > summary["teacher"]["knn_random_vit"] and "semantic" in summary
     assert not [v for v in strings if len(v) >= 32], "hashes/provenance in the metrics files"

@@ -2,8 +2,9 @@
 
 DVC pushes only cached outputs. A `cache: false` metrics file is in git but never in the remote, so on another
 machine DVC's run-cache cannot restore its stage after a reverted parameter: the stage reruns. A cached metrics
-file is pushed, and the stage is restored. On the machine that ran the stage, both restore. Shown on a one-line
-stage with a local-directory remote (seconds), so a DVC upgrade that changes this is noticed.
+file is pushed, and the stage is restored. On the machine that ran the stage, both restore. A `cache: false`
+plain output (not a metric or plot) keeps the stage out of the run-cache everywhere. Shown on a one-line stage
+with a local-directory remote (seconds), so a DVC upgrade that changes this is noticed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ STAGE = """stages:
     cmd: python make.py
     deps: [make.py]
     params: [a]
-    outs: [out.txt]
+    outs:
+      - out.txt:
+          cache: %s
     metrics:
       - m.json:
           cache: %s
@@ -44,14 +47,14 @@ def git(cwd: Path, *args: str) -> str:
     return sh(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", *args], cwd)
 
 
-def revert_restores(tmp_path: Path, metrics_cached: bool) -> tuple[bool, bool]:
+def revert_restores(tmp_path: Path, out_cached: bool, metrics_cached: bool) -> tuple[bool, bool]:
     """(restored on the machine that ran it, restored on a clone that pulled the run-cache)."""
     origin, remote = tmp_path / "origin", tmp_path / "remote"
     origin.mkdir()
     git(origin, "init", "-q")
     sh(["dvc", "init", "-q"], origin)
     sh(["dvc", "remote", "add", "-d", "store", str(remote)], origin)
-    (origin / "dvc.yaml").write_text(STAGE % ("true" if metrics_cached else "false"))
+    (origin / "dvc.yaml").write_text(STAGE % (str(out_cached).lower(), str(metrics_cached).lower()))
     (origin / "params.yaml").write_text("a: 1\n")
     (origin / "make.py").write_text(MAKE)
     sh(["dvc", "repro"], origin)
@@ -73,8 +76,10 @@ def revert_restores(tmp_path: Path, metrics_cached: bool) -> tuple[bool, bool]:
     return change_and_revert(origin), change_and_revert(clone)
 
 
-@pytest.mark.parametrize("metrics_cached", [True, False])
-def test_run_cache_restores_across_machines_only_when_metrics_are_cached(tmp_path, metrics_cached):
-    same_machine, other_machine = revert_restores(tmp_path, metrics_cached)
-    assert same_machine  # the run-cache also keeps `cache: false` files locally
-    assert other_machine == metrics_cached  # but only cached outputs travel through the remote
+@pytest.mark.parametrize(("out_cached", "metrics_cached", "same_machine", "other_machine"), [
+    (True, True, True, True),  # everything cached: restored anywhere the remote reaches
+    (True, False, True, False),  # `cache: false` metrics: restored only where the stage ran
+    (False, True, False, False),  # a `cache: false` plain output keeps the stage out of the run-cache
+])  # fmt: skip
+def test_which_outputs_let_the_run_cache_restore_a_stage(tmp_path, out_cached, metrics_cached, same_machine, other_machine):
+    assert revert_restores(tmp_path, out_cached, metrics_cached) == (same_machine, other_machine)
