@@ -7,6 +7,8 @@ with MAE (``random``) and says plainly when the difference is within seed noise 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import statistics
@@ -51,7 +53,7 @@ def collect_rows(linprobe_dir: Path, pretrain_dir: Path, variants: dict, seeds: 
         rows.append(row)
     ref = _load(linprobe_dir / "reference.json")
     for key, title in (("random_encoder", "random encoder (no pretraining)"), ("raw_pixels", "raw pixels")):
-        row = {"name": title, "settings": {}, "seeds": [], "kind": "reference"}
+        row = {"name": title, "key": f"reference_{key}", "settings": {}, "seeds": [], "kind": "reference"}
         for metric, _ in METRICS:
             if metric in ref[key]:
                 row[metric] = _summary([float(ref[key][metric])])
@@ -160,8 +162,7 @@ def summary_metrics(rows: list[dict], result: dict, upstream: dict | None = None
                 entry[key] = round(s["mean"], 6)
                 if s["std"] is not None:
                     entry[f"{key}_sd"] = round(s["std"], 6)
-        key = r["name"] if r["kind"] == "pretrained" else "reference_" + r["name"].split(" (")[0].replace(" ", "_")
-        out[key] = entry
+        out[r.get("key", r["name"])] = entry
     out["verdict"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
     return out
@@ -176,15 +177,15 @@ def merge_curves(curve_dir: Path, runs: list[str]) -> str:
         path = curve_dir / f"{run}.tsv"
         if not path.is_file():
             raise ReportError(f"{path} not found: run the stage that writes it (dvc repro)")
-        lines = path.read_text().splitlines()
-        if not lines or lines[0].split("\t")[0] != "step":
-            raise ReportError(f"{path}: not a curve file (its first column must be 'step')")
-        head = lines[0].split("\t")
-        columns += [c for c in head if c not in columns]
-        tables.append((run, head, [line.split("\t") for line in lines[1:] if line]))
-    out = ["\t".join(["run", *columns])]
-    for run, head, rows in tables:
-        for cells in rows:
-            row = dict(zip(head, cells))
-            out.append("\t".join([run, *(row.get(c, "") for c in columns)]))
-    return "\n".join(out) + "\n"
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            if not reader.fieldnames or reader.fieldnames[0] != "step":
+                raise ReportError(f"{path}: not a curve file (its first column must be 'step')")
+            columns += [c for c in reader.fieldnames if c not in columns]
+            tables.append((run, list(reader)))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, ["run", *columns], delimiter="\t", lineterminator="\n", restval="")
+    writer.writeheader()
+    for run, rows in tables:
+        writer.writerows({"run": run, **row} for row in rows)
+    return out.getvalue()
