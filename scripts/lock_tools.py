@@ -8,6 +8,9 @@
 The stamp covers exactly what decides the resolution: [project] requires-python, dependencies and
 optional-dependencies, as parsed TOML values (comments and formatting do not count). scripts/lock.sh
 writes it into the lock as "# pyproject-deps-sha256: <hex>".
+
+`extras` is written here because pip has no "sync" (uv's `uv pip sync` has, but setup.sh must work with
+the plain pip of a fresh venv).
 """
 from __future__ import annotations
 
