@@ -13,7 +13,7 @@ __all__ = ["PrepareConfig"]
 
 
 class PrepareConfig(StageConfig):
-    """``prepare``: labelled images -> deterministic WebDataset shards (``train`` and ``val``)."""
+    """``prepare``: labelled images -> deterministic WebDataset shards (``train``, ``holdout`` and ``val``)."""
 
     source: Literal["fashion_mnist", "imagefolder"] = Field(
         "fashion_mnist", description="Where the images come from."
@@ -39,6 +39,10 @@ class PrepareConfig(StageConfig):
     val_limit: Optional[int] = Field(
         1000, gt=0, description="Class-balanced, seeded subset size of val; null = every image."
     )
+    holdout_size: int = Field(
+        1000, gt=0, description="Class-balanced, seeded images carved out of the training source before train_limit "
+        "(split 'holdout', never in train): model selection (the linear probe's lr) is done on it, not on val."
+    )  # fmt: skip
     shard_size: int = Field(1000, gt=0, le=1_000_000, description="Samples per .tar shard.")
     resize: Optional[int] = Field(
         None, gt=0, le=8192, description="Shrink so the shorter side has this many pixels (bicubic; smaller images and "
