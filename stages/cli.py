@@ -12,7 +12,7 @@ from typing import Callable
 import typer
 
 from pipeline.errors import PipelineError
-from stages import export_parts, extract, linprobe, prepare, pretrain, pretrain_figures, report, teacher, train_parts
+from stages import export_parts, extract, finetune, linprobe, prepare, pretrain, pretrain_figures, report, teacher, train_parts
 
 app = typer.Typer(
     name="semmae",
@@ -27,7 +27,7 @@ app = typer.Typer(
 # Stages that run in one process: under torchrun, ranks > 0 return at once (rank 0 does the work and
 # writes). prepare has its own worker processes; the part learner trains on cached features in minutes;
 # pretrain_figures draws a few images on the CPU.
-# teacher, extract, export_parts, pretrain and linprobe share their work across the ranks.
+# teacher, extract, export_parts, pretrain, linprobe and finetune share their work across the ranks.
 RANK0_STAGES = {"check", "prepare", "train_parts", "pretrain_figures", "report"}
 
 
@@ -86,6 +86,8 @@ app.command("pretrain")(_clean_errors(pretrain.main))
 app.command("pretrain_figures")(_clean_errors(pretrain_figures.main))
 app.command("linprobe")(_clean_errors(linprobe.main))
 app.command("linprobe_reference")(_clean_errors(linprobe.reference))
+app.command("finetune")(_clean_errors(finetune.main))
+app.command("finetune_scratch")(_clean_errors(finetune.scratch))
 app.command("report")(_clean_errors(report.main))
 
 if __name__ == "__main__":
