@@ -69,6 +69,7 @@ def test_valid_values_are_accepted(tmp_path):
         ("jpeg_quality", 101, "less than or equal to 100"),
         ("seed", -1, "greater than or equal to 0"),
         ("val_dir", "../elsewhere", "relative to root"),
+        ("holdout_size", 0, "greater than 0"),
     ],
 )
 def test_invalid_value_names_key_value_and_allowed(tmp_path, key, value, expected):
@@ -110,3 +111,27 @@ def test_resolved_config_is_complete_and_deterministic(tmp_path):
     assert data == resolved_config(load(tmp_path, shard_size=7), "prepare")
     resolved = json.loads(data)["prepare"]
     assert resolved["shard_size"] == 7 and set(resolved) == set(PrepareConfig.model_fields)
+
+
+def test_holdout_and_probe_grid_keys(tmp_path):
+    from pipeline.config.check import check_params
+
+    assert PrepareConfig().holdout_size == 1000
+    probe = LinprobeConfig(base_lr=[10.0, 0.1, 1.0], batch_size=512)
+    assert probe.base_lrs() == [0.1, 1.0, 10.0] and probe.peak_lr(1.0) == 2.0
+    assert LinprobeConfig(base_lr=4).base_lr == [4.0]  # one number is a one-candidate grid
+    with pytest.raises(ValueError, match="is a grid"):
+        probe.peak_lr()
+    path = tmp_path / "params.yaml"
+    for value, expected in (([], "at least 1 item"), ([1.0, -2.0], "every candidate must be > 0"), ("ten", "valid")):
+        write_params(path, linprobe={"base_lr": value})
+        with pytest.raises(ConfigError, match=f"linprobe.base_lr.*{expected}"):
+            load_stage_config(LinprobeConfig, path, "linprobe")
+    write_params(path, linprobe={"eval_crop_pct": 0.0})
+    with pytest.raises(ConfigError, match="linprobe.eval_crop_pct"):
+        load_stage_config(LinprobeConfig, path, "linprobe")
+    # the hold-out comes out of Fashion-MNIST's 60k training images: 59,000 remain for train_limit: null
+    write_params(path, prepare={"train_limit": None, "holdout_size": 1000}, linprobe={"batch_size": 59_001})
+    assert any("'linprobe.batch_size' = 59001 exceeds the 59000 train images" in e for e in check_params(path).errors)
+    write_params(path, prepare={"holdout_size": 59_991})
+    assert any("'prepare.holdout_size' = 59991 leaves no training image" in e for e in check_params(path).errors)

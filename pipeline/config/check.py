@@ -55,8 +55,9 @@ def _train_images(prep: Optional[PrepareConfig]) -> Optional[int]:
     """Train images the prepare section will produce, when knowable from the parameters alone."""
     if prep is None:
         return None
-    if prep.source == "fashion_mnist":
-        return min(prep.train_limit or FASHION_MNIST_TRAIN, FASHION_MNIST_TRAIN)
+    if prep.source == "fashion_mnist":  # the hold-out is carved out of the 60k first, train_limit draws from the rest
+        rest = max(FASHION_MNIST_TRAIN - prep.holdout_size, 0)
+        return min(prep.train_limit or rest, rest)
     return prep.train_limit
 
 
@@ -115,12 +116,16 @@ def _cross_checks(rep: ParamsReport) -> None:
     n_train = _train_images(prep)
     n_classes = _num_classes(prep)
     if n_classes:  # the probe head has one output per class of prepared/index.json
-        for key, limit in (("train_limit", prep.train_limit), ("val_limit", prep.val_limit)):
+        for key, limit in (("train_limit", prep.train_limit), ("val_limit", prep.val_limit),
+                           ("holdout_size", prep.holdout_size)):  # fmt: skip
             if limit is not None and limit < n_classes:
                 msg = (f"'prepare.{key}' = {limit} is below the {n_classes} classes: some classes get no "
-                       f"{key[:-6]} image while the linear-probe head has {n_classes} outputs; set it to at least "
+                       f"{key.split('_')[0]} image while the linear-probe head has {n_classes} outputs; set it to at least "
                        f"{n_classes} (many images per class, in practice)")  # fmt: skip
                 (rep.error if key == "train_limit" else rep.warn)(msg)
+    if prep is not None and prep.source == "fashion_mnist" and prep.holdout_size > FASHION_MNIST_TRAIN - FASHION_MNIST_CLASSES:
+        rep.error(f"'prepare.holdout_size' = {prep.holdout_size} leaves no training image of some class: Fashion-MNIST "
+                  f"has {FASHION_MNIST_TRAIN} training images in {FASHION_MNIST_CLASSES} classes; lower it")  # fmt: skip
     teacher_grid = teacher.img_size // teacher.patch_size if teacher is not None else None
 
     if teacher is not None and teacher.init == "checkpoint" and not Path(teacher.checkpoint).is_file():
@@ -145,7 +150,7 @@ def _cross_checks(rep: ParamsReport) -> None:
             rep.error(f"pretrain@{run}: mask_ratio={cfg.mask_ratio} leaves no visible patch of {cfg.grid**2}")
         if n_train is not None and cfg.batch_size > n_train:
             rep.error(f"pretrain@{run}: batch_size={cfg.batch_size} exceeds the {n_train} train images "
-                      "(prepare.train_limit)")  # fmt: skip
+                      "(prepare.train_limit, after prepare.holdout_size)")  # fmt: skip
         if n_train is not None and cfg.loader_streams is not None and prep is not None:
             shards = math.ceil(n_train / prep.shard_size)
             if cfg.loader_streams > shards:
@@ -159,7 +164,7 @@ def _cross_checks(rep: ParamsReport) -> None:
         for key, value in (("teacher.train.batch_size", teacher.train.batch_size if trained else None),
                            ("linprobe.batch_size", probe.batch_size if probe is not None else None)):  # fmt: skip
             if value is not None and value > n_train:
-                rep.error(f"'{key}' = {value} exceeds the {n_train} train images (prepare.train_limit)")
+                rep.error(f"'{key}' = {value} exceeds the {n_train} train images (prepare.train_limit, after prepare.holdout_size)")
     if prep is not None and prep.resize is not None:
         for run, cfg in rep.runs.items():
             if prep.resize < cfg.img_size:

@@ -1,4 +1,8 @@
-"""The ``prepare`` stage's logic: labelled images -> deterministic ``train``/``val`` WebDataset shards.
+"""The ``prepare`` stage's logic: labelled images -> deterministic ``train``/``holdout``/``val`` WebDataset shards.
+
+``holdout`` is a class-balanced, seeded set carved out of the training source before ``train_limit``
+draws ``train`` from the rest (the two never share an image): choices such as the linear probe's
+learning rate are made on it, so that ``val`` stays untouched for the reported numbers.
 
 Determinism: subsets, the held-out split and the sample order come from seeded generators; PNG
 encoding, tar entries (fixed mtime, sorted extensions) and JSON (sorted keys) are byte-stable, and
@@ -31,10 +35,11 @@ from pipeline.data.sources import (
 )
 from pipeline.io import atomic_output_dir, ensure_free_space, json_bytes
 
-__all__ = ["prepare_dataset", "balanced_subset", "encode_record", "load_source"]
+__all__ = ["prepare_dataset", "balanced_subset", "encode_record", "load_source", "select_splits", "SPLITS"]
 
 log = logging.getLogger(__name__)
-_SPLIT_IDS = {"train": 0, "val": 1}
+_SPLIT_IDS = {"train": 0, "val": 1, "holdout": 2}  # seed streams: [prepare.seed, id]
+SPLITS = ("train", "holdout", "val")
 
 
 def load_source(cfg: PrepareConfig) -> tuple[dict[str, list[Record]], list[str]]:
@@ -43,16 +48,23 @@ def load_source(cfg: PrepareConfig) -> tuple[dict[str, list[Record]], list[str]]
     return scan_imagefolder(cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_fraction, cfg.seed)
 
 
-def balanced_subset(labels: np.ndarray, limit: Optional[int], num_classes: int, rng: np.random.Generator) -> np.ndarray:
+def balanced_subset(
+    labels: np.ndarray, limit: Optional[int], num_classes: int, rng: np.random.Generator, reserve: int = 0
+) -> np.ndarray:
     """Indices of a class-balanced random subset of ``limit`` items (all items when ``limit`` is None).
 
     Each class gets ``limit // K`` items (the remainder goes to the lowest class ids); a class with
-    too few items gives its unused share to the others (water-filling). Returned in ascending order.
+    too few items gives its unused share to the others (water-filling). ``reserve`` items of every
+    class are never taken (they stay for another split). Returned in ascending order.
     """
     labels = np.asarray(labels)
-    if limit is None or limit >= len(labels):
+    if reserve == 0 and (limit is None or limit >= len(labels)):
         return np.arange(len(labels))
-    counts = np.bincount(labels, minlength=num_classes)
+    counts = np.maximum(np.bincount(labels, minlength=num_classes) - reserve, 0)
+    if limit is not None and limit > counts.sum():
+        raise ValueError(f"limit {limit} exceeds the {int(counts.sum())} items available (reserve {reserve} per class)")
+    if limit is None:
+        limit = int(counts.sum())
     quota = np.zeros(num_classes, dtype=np.int64)
     remaining = limit
     while remaining > 0:
@@ -156,31 +168,53 @@ class _NoPool:
         return map(fn, items)
 
 
-def _estimated_bytes(cfg: PrepareConfig, splits: dict) -> int:
-    """An upper estimate of the shards' size: the chosen share of each split's source bytes (decoded
-    arrays: their raw size) plus the tar headers (3 entries of 512 bytes per sample)."""
-    total = 0
-    for split, records in splits.items():
-        limit = cfg.train_limit if split == "train" else cfg.val_limit
-        share = 1.0 if limit is None or not records else min(1.0, limit / len(records))
-        source = sum(r.pixels.nbytes if r.pixels is not None else r.path.stat().st_size for r in records)
-        total += int(share * (source + 1536 * len(records)))
-    return total
+def _estimated_bytes(selected: dict[str, list[Record]]) -> int:
+    """An upper estimate of the shards' size: the selected images' source bytes (decoded arrays: their
+    raw size) plus the tar headers (3 entries of 512 bytes per sample)."""
+    return sum(
+        (r.pixels.nbytes if r.pixels is not None else r.path.stat().st_size) + 1536
+        for records in selected.values()
+        for r in records
+    )
+
+
+def _labels(records: list[Record]) -> np.ndarray:
+    return np.array([r.label for r in records], dtype=np.int64)
+
+
+def select_splits(cfg: PrepareConfig, splits: dict[str, list[Record]], num_classes: int) -> dict[str, list[Record]]:
+    """The records of each output split, in shard order: ``holdout`` (``holdout_size``, class-balanced, out of
+    the training source, one image per class always left for training), ``train`` (``train_limit`` out of the
+    rest) and ``val`` (``val_limit``). Each split draws from its own seeded stream."""
+    source = splits["train"]
+    labels = _labels(source)
+    present = int(np.count_nonzero(np.bincount(labels, minlength=num_classes)))
+    if cfg.holdout_size > len(source) - present:
+        raise DataSourceError(
+            f"prepare.holdout_size={cfg.holdout_size}: the training source ({cfg.root}) has {len(source)} images in "
+            f"{present} classes, so at most {max(0, len(source) - present)} can be held out while every class keeps "
+            "one training image; lower prepare.holdout_size or add training images"
+        )
+    rng = np.random.default_rng([cfg.seed, _SPLIT_IDS["holdout"]])
+    held = balanced_subset(labels, cfg.holdout_size, num_classes, rng, reserve=1)
+    out = {"holdout": [source[i] for i in held[rng.permutation(len(held))]]}  # mixed classes inside every shard
+    rest = np.setdiff1d(np.arange(len(source)), held)
+    pools = {"train": ([source[i] for i in rest], cfg.train_limit), "val": (splits["val"], cfg.val_limit)}
+    for split, (records, limit) in pools.items():
+        rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split]])
+        chosen = balanced_subset(_labels(records), limit, num_classes, rng)
+        out[split] = [records[i] for i in chosen[rng.permutation(len(chosen))]]
+    return {split: out[split] for split in SPLITS}
 
 
 def prepare_dataset(cfg: PrepareConfig, out_dir: str | Path) -> dict:
     """Build the shard set in ``out_dir`` (replaced atomically on success) and return its metrics."""
     splits, classes = load_source(cfg)  # fails on a missing/malformed source before any output
+    chosen = select_splits(cfg, splits, len(classes))  # ... and on a hold-out the source cannot give
     index: dict = {"format": INDEX_FORMAT, "source": cfg.source, "classes": classes, "splits": {}, "skipped": {}}
-    ensure_free_space(out_dir, _estimated_bytes(cfg, splits), "the prepared shards (prepare.train_limit / val_limit)")
+    ensure_free_space(out_dir, _estimated_bytes(chosen), "the prepared shards (prepare.train_limit / val_limit / holdout_size)")
     with atomic_output_dir(out_dir) as tmp:
-        for split, records in splits.items():
-            labels = np.array([r.label for r in records], dtype=np.int64)
-            limit = cfg.train_limit if split == "train" else cfg.val_limit
-            rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split]])
-            chosen = balanced_subset(labels, limit, len(classes), rng)
-            order = chosen[rng.permutation(len(chosen))]  # mixed classes inside every shard
-            selected = [records[i] for i in order]
+        for split, selected in chosen.items():
             skipped: list[str] = []
             shards = write_shards(_encoded(selected, cfg, split, skipped), tmp / split, split, cfg.shard_size)
             if len(selected) and len(skipped) > cfg.max_skip_fraction * len(selected):

@@ -122,7 +122,7 @@ def read_index(shard_dir: Union[str, Path], fmt: str = INDEX_FORMAT) -> dict:
     return index
 
 
-SHARD_NAME = re.compile(r"^(train|val)-[0-9]{6}\.tar$")
+SHARD_NAME = re.compile(r"^(train|holdout|val)-[0-9]{6}\.tar$")
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def select_ordinals(total: int, limit: Optional[int], seed: int, split: str) -> 
     """Seeded subset of sample ordinals (position in shard order) of a split; None = all."""
     if limit is None or limit >= total:
         return None
-    rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split]])
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1, "holdout": 2}[split]])
     return set(rng.choice(total, size=limit, replace=False).tolist())
 
 
