@@ -45,10 +45,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, but keeping 0 bits gives the black image older Pillow gave (Pillow >= 11 raises)."""
+    from PIL import Image
+
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return _TIMM_POSTERIZE(img, bits_to_keep, **kwargs)
+
+
+_TIMM_POSTERIZE = None
+
+
+def _patch_posterize() -> None:
+    # timm's increasing posterize reaches 0 bits at magnitude 10 (mstd 0.5 samples it), which Pillow >= 11 refuses
+    global _TIMM_POSTERIZE
+    from timm.data import auto_augment
+
+    if _TIMM_POSTERIZE is None:
+        _TIMM_POSTERIZE = auto_augment.posterize
+        for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+            if auto_augment.NAME_TO_OP.get(name) is _TIMM_POSTERIZE:
+                auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def train_transform(cfg, img_size: int) -> Callable:
     """MAE's fine-tuning augmentation, built by timm: RandomResizedCrop (bicubic) + flip, RandAugment,
     ImageNet normalisation, random erasing (pixel mode). No colour jitter (off under RandAugment, as in MAE)."""
     from timm.data import create_transform
+
+    _patch_posterize()
 
     return create_transform(input_size=img_size, is_training=True, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
                             color_jitter=None, auto_augment=cfg.auto_augment, interpolation="bicubic",
