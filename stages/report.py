@@ -1,4 +1,4 @@
-"""DVC stage ``report``: the SemMAE-vs-MAE table, its CSV, every run's curves and the summary metrics (all for git) from every linprobe metrics file."""
+"""DVC stage ``report``: the SemMAE-vs-MAE table, its CSV, every run's curves and the summary metrics (all for git) from every linprobe (and finetune) metrics file."""
 
 from __future__ import annotations
 
@@ -14,30 +14,40 @@ log = logging.getLogger("semmae.report")
 
 
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="Its 'pretrain' and 'linprobe' sections name the rows."),
+    params: Path = typer.Option(Path("params.yaml"), help="Its 'pretrain' and 'linprobe' (and with --finetune, 'finetune') sections name the rows."),
     linprobe: Path = typer.Option(Path("metrics/linprobe"), help="Directory of the linprobe metrics files."),
     pretrain: Path = typer.Option(Path("metrics/pretrain"), help="Directory of the pretrain metrics files."),
+    finetune: Optional[Path] = typer.Option(None, help="Directory of the finetune metrics files (<variant>-<seed>.json, scratch-<seed>.json); not given: no fine-tuning columns."),
     out: Path = typer.Option(Path("reports/linprobe.md"), help="The markdown report."),
     table: Path = typer.Option(Path("reports/linprobe.csv"), help="Every row as CSV (DVC bar plots)."),
     pretrain_curves: Path = typer.Option(Path("metrics/pretrain_curves"), help="Directory of the pretrain curves."),
     linprobe_curves: Path = typer.Option(Path("metrics/linprobe_curves"), help="Directory of the probe curves."),
-    curves: Path = typer.Option(Path("reports/curves"), help="pretrain.tsv and linprobe.tsv: every run's curves with a run column (DVC plots overlay them)."),
-    metrics: Path = typer.Option(Path("metrics/report.json"), help="Per row and metric: mean and sd; the verdict's numbers."),
+    finetune_curves: Optional[Path] = typer.Option(None, help="Directory of the finetune curves (<run>.tsv); given: curves/finetune.tsv."),
+    curves: Path = typer.Option(Path("reports/curves"), help="pretrain.tsv, linprobe.tsv (and finetune.tsv): every run's curves with a run column (DVC plots overlay them)."),
+    metrics: Path = typer.Option(Path("metrics/report.json"), help="Per row and metric: mean and sd; every paired comparison's numbers."),
     teacher: Optional[Path] = typer.Option(None, help="The teacher's metrics (its k-NN check joins the summary)."),
     parts: Optional[Path] = typer.Option(None, help="The part learner's metrics (its part quality joins the summary)."),
 ) -> None:
-    """One row per pretrain variant (mean ± spread over pretrain.seeds) and per reference; says plainly
-    whether SemMAE (variant 'semantic') beat MAE (variant 'random') above seed noise."""
+    """One row per pretrain variant (mean ± sd over pretrain.seeds), the from-scratch fine-tuning row and the
+    references; each variant against the MAE baseline (the variant with random masking) and against
+    fine-tuning from scratch, paired by seed, with a 95% interval and a plain verdict."""
     from pipeline.config.base import load_stage_config
+    from pipeline.config.finetune import FinetuneConfig
     from pipeline.config.linprobe import LinprobeConfig
     from pipeline.config.pretrain import load_pretrain_config, pretrain_runs
-    from pipeline.eval.report import collect_rows, merge_curves, render_csv, render_markdown, summary_metrics, upstream_numbers, verdict
+    from pipeline.eval.report import SCRATCH, ReportError, collect_rows, compare_rows, merge_curves, render_csv, render_markdown, summary_metrics, upstream_numbers
 
     variants, seeds = pretrain_runs(params)
     probe = load_stage_config(LinprobeConfig, params, "linprobe")
     common = load_pretrain_config(params, None, seeds[0])
-    rows = collect_rows(linprobe, pretrain, {v: over for v, over in variants.items()}, seeds)
-    result = verdict(rows)
+    for name, path in (("--finetune", finetune), ("--finetune-curves", finetune_curves)):
+        if path is not None and not path.is_dir():
+            raise ReportError(f"report {name} {path}: no such directory: run the finetune stages (dvc repro), or leave "
+                              f"{name} out for a report without fine-tuning")  # fmt: skip
+    tuned = load_stage_config(FinetuneConfig, params, "finetune") if finetune is not None else None
+    baseline = next((v for v in variants if load_pretrain_config(params, v, seeds[0]).masking == "random"), None)
+    rows = collect_rows(linprobe, pretrain, {v: over for v, over in variants.items()}, seeds, finetune)
+    comparisons = compare_rows(rows, baseline)
     context = {
         "pretraining (pretrain.common)": f"{common.arch} {common.embed_dim}-d x {common.depth} blocks, patch "
         f"{common.patch_size} at {common.img_size} px, decoder {common.decoder_embed_dim}-d x {common.decoder_depth}; "
@@ -45,10 +55,21 @@ def main(
         "linear probe (linprobe)": f"{probe.mode} features, {probe.epochs} epochs, batch {probe.batch_size}, base lr "
         f"{probe.base_lr}, LARS (momentum {probe.momentum}, trust {probe.trust_coefficient}), k-NN k={probe.knn_k}",
     }  # fmt: skip
-    atomic_write_bytes(out, render_markdown(rows, result, context).encode())
+    if tuned is not None:
+        context["fine-tuning (finetune)"] = (
+            f"{tuned.epochs} epochs, batch {tuned.batch_size}, base lr {tuned.base_lr}, layer decay {tuned.layer_decay}, "
+            f"drop path {tuned.drop_path}, mixup {tuned.mixup}, cutmix {tuned.cutmix}, label smoothing "
+            f"{tuned.label_smoothing}; from scratch: the same recipe from a random initialisation")  # fmt: skip
+    atomic_write_bytes(out, render_markdown(rows, comparisons, context, baseline).encode())
     atomic_write_bytes(table, render_csv(rows).encode())
     runs = [f"{v}-{s}" for v in variants for s in seeds]
     atomic_write_bytes(curves / "pretrain.tsv", merge_curves(pretrain_curves, runs).encode())
     atomic_write_bytes(curves / "linprobe.tsv", merge_curves(linprobe_curves, runs).encode())
-    atomic_write_json(metrics, summary_metrics(rows, result, upstream_numbers(teacher, parts)))
-    log.info("%s", result["text"])
+    if finetune_curves is not None:
+        tuned_runs = runs + [f"{SCRATCH}-{s}" for s in seeds]
+        atomic_write_bytes(curves / "finetune.tsv", merge_curves(finetune_curves, tuned_runs).encode())
+    atomic_write_json(metrics, summary_metrics(rows, comparisons, upstream_numbers(teacher, parts)))
+    for c in comparisons:
+        r = c["result"]
+        log.info("%s - %s, %s: %s (%s over %d seed(s))", c["a"], c["b"], c["metric"], r.verdict,
+                 "no difference measured" if r.mean is None else f"{100 * r.mean:+.2f} points", r.n)  # fmt: skip

@@ -1,8 +1,10 @@
 """The ``report`` stage's logic: one table, one CSV for DVC's bar plots, and the summary metrics.
 
-Rows: each pretrain variant (mean and spread over its seeds), then the references that need no
-pretraining (random encoder, raw pixels). The verdict compares SemMAE (the ``semantic`` variant)
-with MAE (``random``) and says plainly when the difference is within seed noise or untested.
+Rows: each pretrain variant (mean ± sd over its seeds), the from-scratch fine-tuning row when fine-tuning
+ran, then the references that need no pretraining (random encoder, raw pixels). The verdicts compare
+runs paired by seed (:mod:`pipeline.eval.stats`): each variant against the MAE baseline (the variant with
+random masking) on linear top-1, k-NN top-1 and fine-tune top-1, and each pretrained variant against
+fine-tuning from scratch.
 """
 
 from __future__ import annotations
@@ -10,15 +12,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import statistics
 from pathlib import Path
+from typing import Optional
 
 from pipeline.errors import PipelineError
+from pipeline.eval.stats import Comparison, mean_sd, paired_comparison
 
-__all__ = ["collect_rows", "verdict", "render_markdown", "render_csv", "summary_metrics", "row_label", "merge_curves", "upstream_numbers", "ReportError"]
+__all__ = ["collect_rows", "compare_rows", "render_markdown", "render_csv", "summary_metrics", "row_label",
+           "merge_curves", "upstream_numbers", "SCRATCH", "ReportError"]  # fmt: skip
 
-METRICS = (("top1", "linear top-1"), ("top5", "linear top-5"), ("knn_top1", "k-NN top-1"))
+PROBE = (("top1", "linear top-1"), ("top5", "linear top-5"), ("knn_top1", "k-NN top-1"))
+FINETUNE = (("finetune_top1", "fine-tune top-1"), ("finetune_top5", "fine-tune top-5"))
+COMPARED = (("top1", "linear top-1"), ("knn_top1", "k-NN top-1"), ("finetune_top1", "fine-tune top-1"))
+SCRATCH = "scratch"  # the fine-tuning runs from a random initialisation: metrics/finetune/scratch-<seed>.json
+TITLES = dict(PROBE + FINETUNE)
 
 
 class ReportError(PipelineError):
@@ -29,86 +37,173 @@ def _load(path: Path) -> dict:
     if not path.is_file():
         raise ReportError(f"{path} not found: run the stage that writes it (dvc repro)")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object of metrics, got {type(data).__name__}")
+    return data
 
 
-def _summary(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values), "values": values}  # fmt: skip
+def _number(data: dict, key: str, path: Path) -> Optional[float]:
+    """``data[key]`` as a float; None when absent (older metrics files); an error naming it when not a number."""
+    if key not in data or data[key] is None:
+        return None
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReportError(f"{path}: '{key}' = {value!r} is not a number: rerun the stage that writes it")
+    return float(value)
 
 
-def collect_rows(linprobe_dir: Path, pretrain_dir: Path, variants: dict, seeds: list[int]) -> list[dict]:
-    """One row per variant (metrics summarised over seeds) plus the two reference rows."""
+def _summary(by_seed: dict) -> dict:
+    mean, sd, n = mean_sd(list(by_seed.values()))
+    return {"mean": mean, "std": sd, "n": n, "by_seed": by_seed}
+
+
+def _add(row: dict, key: str, by_seed: dict) -> None:
+    if by_seed:
+        row[key] = _summary(by_seed)
+
+
+def _finetune_runs(finetune_dir: Path, name: str, seeds: list[int], pretrained: bool) -> list[tuple[int, dict, Path]]:
+    """The fine-tune metrics of ``name`` (a variant, or :data:`SCRATCH`) per seed, checked against their file name."""
+    runs = []
+    for s in seeds:
+        path = finetune_dir / f"{name}-{s}.json"
+        data = _load(path)
+        for key, expected in (("variant", name), ("seed", s), ("pretrained", pretrained)):
+            if key in data and data[key] != expected:
+                raise ReportError(f"{path}: '{key}' is {data[key]!r}, its file name says {expected!r}: rerun the "
+                                  "finetune stage that writes it")  # fmt: skip
+        runs.append((s, data, path))
+    return runs
+
+
+def collect_rows(linprobe_dir: Path, pretrain_dir: Path, variants: dict, seeds: list[int],
+                 finetune_dir: Optional[Path] = None) -> list[dict]:  # fmt: skip
+    """One row per variant (each metric as ``{mean, std, n, by_seed}`` over its seeds), the from-scratch
+    fine-tuning row when ``finetune_dir`` is given, and the two reference rows."""
+    if finetune_dir is not None and SCRATCH in variants:
+        raise ReportError(f"pretrain variant {SCRATCH!r} clashes with the from-scratch fine-tuning runs "
+                          f"({finetune_dir}/{SCRATCH}-<seed>.json): rename the variant")  # fmt: skip
     rows = []
     for name, settings in variants.items():
-        runs = [_load(linprobe_dir / f"{name}-{s}.json") for s in seeds]
-        pre = [_load(pretrain_dir / f"{name}-{s}.json") for s in seeds]
-        row = {"name": name, "settings": settings, "seeds": seeds, "kind": "pretrained"}
-        for key, _ in METRICS:
-            if all(key in r for r in runs):
-                row[key] = _summary([float(r[key]) for r in runs])
-        row["pretrain_loss"] = _summary([float(p["final_loss"]) for p in pre])
+        row: dict = {"name": name, "key": name, "settings": settings, "seeds": seeds, "kind": "pretrained"}
+        probes = [(s, _load(linprobe_dir / f"{name}-{s}.json"), linprobe_dir / f"{name}-{s}.json") for s in seeds]
+        for key, _ in PROBE:
+            _add(row, key, {s: v for s, d, p in probes if (v := _number(d, key, p)) is not None})
+        row["probe_lr"] = {s: v for s, d, p in probes if (v := _number(d, "base_lr", p)) is not None}
+        losses = {}
+        for s in seeds:
+            path = pretrain_dir / f"{name}-{s}.json"
+            if (v := _number(_load(path), "final_loss", path)) is not None:
+                losses[s] = v
+        _add(row, "pretrain_loss", losses)
+        if finetune_dir is not None:
+            _add_finetune(row, _finetune_runs(finetune_dir, name, seeds, True))
         rows.append(row)
-    ref = _load(linprobe_dir / "reference.json")
+    if finetune_dir is not None:
+        row = {"name": "from scratch (fine-tuning, no pretraining)", "key": SCRATCH, "settings": {}, "seeds": seeds,
+               "kind": "scratch", "probe_lr": {}}  # fmt: skip
+        _add_finetune(row, _finetune_runs(finetune_dir, SCRATCH, seeds, False))
+        rows.append(row)
+    path = linprobe_dir / "reference.json"
+    ref = _load(path)
     for key, title in (("random_encoder", "random encoder (no pretraining)"), ("raw_pixels", "raw pixels")):
+        entry = ref.get(key)
+        if not isinstance(entry, dict):
+            raise ReportError(f"{path}: no '{key}' entry: rerun the linprobe_reference stage")
         row = {"name": title, "key": f"reference_{key}", "settings": {}, "seeds": [], "kind": "reference"}
-        for metric, _ in METRICS:
-            if metric in ref[key]:
-                row[metric] = _summary([float(ref[key][metric])])
+        for metric, _ in PROBE:
+            _add(row, metric, {0: v} if (v := _number(entry, metric, path)) is not None else {})
+        row["probe_lr"] = {0: v} if (v := _number(entry, "base_lr", path)) is not None else {}
         rows.append(row)
     return rows
 
 
-def verdict(rows: list[dict], semantic: str = "semantic", random: str = "random") -> dict:
-    """SemMAE minus MAE in linear top-1, and whether it rises above seed noise (difference of means
-    larger than twice its standard error; needs >= 2 seeds per variant)."""
-    by = {r["name"]: r for r in rows}
-    if semantic not in by or random not in by:
-        return {"text": f"no comparison: variants {semantic!r} and {random!r} are both needed"}
-    a, b = by[semantic]["top1"], by[random]["top1"]
-    diff = a["mean"] - b["mean"]
-    out = {"semantic_minus_random_top1": diff, "seeds": a["n"]}
-    if a["std"] is None or b["std"] is None:
-        out["text"] = (f"SemMAE {'beat' if diff > 0 else 'did not beat'} MAE by {100 * diff:+.1f} points of linear "
-                       f"top-1 with one seed per variant: no spread is measured, so this is not evidence either "
-                       "way (set pretrain.seeds to several seeds).")  # fmt: skip
-        out["significant"] = None
-        return out
-    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    out["standard_error"] = se
-    out["significant"] = abs(diff) > 2 * se
-    if out["significant"]:
-        out["text"] = (f"SemMAE {'beat' if diff > 0 else 'lost to'} MAE: {100 * diff:+.1f} points of linear top-1 "
-                       f"(mean of {a['n']} seeds; 2 x standard error = {200 * se:.1f}).")  # fmt: skip
-    else:
-        out["text"] = (f"No difference above seed noise: SemMAE - MAE = {100 * diff:+.1f} points of linear top-1, "
-                       f"within 2 x standard error ({200 * se:.1f}) over {a['n']} seeds.")  # fmt: skip
+def _add_finetune(row: dict, runs: list[tuple[int, dict, Path]]) -> None:
+    for key, source in (("finetune_top1", "top1"), ("finetune_top5", "top5")):
+        _add(row, key, {s: v for s, d, p in runs if (v := _number(d, source, p)) is not None})
+
+
+def compare_rows(rows: list[dict], baseline: Optional[str]) -> list[dict]:
+    """The paired comparisons ``{a, b, metric, result: Comparison}``: every other variant minus ``baseline``
+    (the MAE variant: random masking) on linear top-1, k-NN top-1 and fine-tune top-1, then every
+    pretrained variant minus the from-scratch row on fine-tune top-1; a metric either side lacks is skipped."""
+    by = {r["key"]: r for r in rows}
+    pretrained = [r for r in rows if r["kind"] == "pretrained"]
+    pairs = [(r, by[baseline], [k for k, _ in COMPARED]) for r in pretrained if baseline in by and r["key"] != baseline]
+    if SCRATCH in by:
+        pairs += [(r, by[SCRATCH], ["finetune_top1"]) for r in pretrained]
+    out = []
+    for a, b, metrics in pairs:
+        for key in metrics:
+            if key in a and key in b:
+                out.append({"a": a["key"], "b": b["key"], "metric": key,
+                            "result": paired_comparison(a[key]["by_seed"], b[key]["by_seed"])})  # fmt: skip
     return out
 
 
-def _fmt(s: dict | None) -> str:
+def _fmt(s: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
     if s is None:
         return "–"
     if s["std"] is None:
-        return f"{100 * s['mean']:.1f}"
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+        return f"{scale * s['mean']:.{digits}f}"
+    return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
 
-def render_markdown(rows: list[dict], result: dict, context: dict) -> str:
-    lines = ["# Linear probe: SemMAE vs MAE", "", result["text"], "",
-             "| row | masking settings | seeds | " + " | ".join(t for _, t in METRICS) + " | final pretrain loss |",
-             "|---|---|---|" + "---|" * len(METRICS) + "---|"]  # fmt: skip
+def _lrs(row: dict) -> str:
+    """The probe learning rates chosen on the hold-out, each distinct value once (with its seed count when they differ)."""
+    values = list(row.get("probe_lr", {}).values())
+    if not values:
+        return "–"
+    distinct = sorted(set(values))
+    if len(distinct) == 1:
+        return f"{distinct[0]:g}"
+    return ", ".join(f"{v:g} ({values.count(v)}×)" for v in distinct)
+
+
+def _label_of(rows: list[dict]) -> dict:
+    return {r["key"]: row_label(r["name"]) for r in rows}
+
+
+def _comparison_line(c: dict, labels: dict) -> str:
+    r: Comparison = c["result"]
+    mean = "–" if r.mean is None else f"{100 * r.mean:+.2f}"
+    ci = "–" if r.ci_low is None else f"{100 * r.ci_low:+.2f} to {100 * r.ci_high:+.2f}"
+    return f"| {labels[c['a']]} − {labels[c['b']]} | {TITLES[c['metric']]} | {mean} | {ci} | {r.n} | {r.verdict} |"
+
+
+def render_markdown(rows: list[dict], comparisons: list[dict], context: dict, baseline: Optional[str]) -> str:
+    finetune = any(r["kind"] == "scratch" for r in rows)
+    metrics = PROBE + (FINETUNE if finetune else ())
+    labels = _label_of(rows)
+    lines = ["# SemMAE vs MAE: linear probe" + (", k-NN and fine-tuning" if finetune else " and k-NN"), "",
+             "| row | masking settings | seeds | " + " | ".join(t for _, t in metrics)
+             + " | final pretrain loss | probe lr (hold-out) |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|---|"]  # fmt: skip
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items())) or "–"
         seeds = ",".join(map(str, r["seeds"])) or "–"
-        loss = r.get("pretrain_loss")
-        loss_text = "–" if loss is None else (f"{loss['mean']:.4f}" if loss["std"] is None else f"{loss['mean']:.4f} ± {loss['std']:.4f}")
-        lines.append(f"| {row_label(r['name'])} | {settings} | {seeds} | " + " | ".join(_fmt(r.get(k)) for k, _ in METRICS)
-                     + f" | {loss_text} |")  # fmt: skip
-    lines += ["", "Accuracies in % (mean ± standard deviation over seeds). Settings:", ""]
-    lines += [f"- {k}: {v}" for k, v in context.items()]
+        lines.append(f"| {labels[r['key']]} | {settings} | {seeds} | " + " | ".join(_fmt(r.get(k)) for k, _ in metrics)
+                     + f" | {_fmt(r.get('pretrain_loss'), 1.0, 4)} | {_lrs(r)} |")  # fmt: skip
+    lines += ["", "Accuracies in % (mean ± standard deviation over seeds; a single run shows one number). Splits: "
+              "every accuracy in the table is measured on the validation/test split; the hold-out (images set "
+              "aside from the training source, never trained on) only makes choices: the probe learning rate (last "
+              "column, with each seed's count when they differ)" + (" and the fine-tuning settings (by their hold-out "
+              "top-1)" if finetune else "") + ". Nothing is chosen on the split that is reported.", "", "## Verdicts",
+              ""]  # fmt: skip
+    if baseline is None:
+        lines += ["No variant has random masking: there is no MAE baseline to compare the variants with.", ""]
+    if comparisons:
+        lines += ["| comparison | metric | mean difference (points) | 95% confidence interval | seeds | verdict |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [_comparison_line(c, labels) for c in comparisons]
+        lines += ["", "Paired by seed: runs with the same seed share their initialisation and data order, so each "
+                  "seed gives one difference a − b (seeds present in both). The interval is mean ± t(0.975, n − 1) "
+                  "× sd / √n; **win** when it lies above 0, **loss** when below, otherwise *no difference "
+                  "detected*; a single seed gives no verdict (set pretrain.seeds to several seeds).", ""]  # fmt: skip
+    lines += ["## Settings", ""] + [f"- {k}: {v}" for k, v in context.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -120,12 +215,14 @@ def row_label(name: str) -> str:
 
 def render_csv(rows: list[dict]) -> str:
     """One line per row (mean and standard deviation over seeds, in %), for DVC's bar plots: ``dvc plots
-    show`` draws it, ``dvc plots diff`` overlays it across experiments and commits."""
-    head = ["row", "seeds"] + [f"{key}{suffix}" for key, _ in METRICS for suffix in ("", "_sd")]
+    show`` draws it, ``dvc plots diff`` overlays it across experiments and commits. A metric a row lacks
+    (fine-tuning of the probe-only references) is left empty."""
+    keys = [k for k, _ in PROBE] + ["finetune_top1"]
+    head = ["row", "seeds"] + [f"{key}{suffix}" for key in keys for suffix in ("", "_sd")]
     lines = [",".join(head)]
     for r in rows:
         cells = [row_label(r["name"]).replace(",", ";"), str(max(1, len(r["seeds"])))]
-        for key, _ in METRICS:
+        for key in keys:
             s = r.get(key)
             cells += ["", ""] if s is None else [f"{100 * s['mean']:.2f}", f"{100 * (s['std'] or 0.0):.2f}"]
         lines.append(",".join(cells))
@@ -149,22 +246,30 @@ def upstream_numbers(teacher: Path | None, parts: Path | None) -> dict:
     return out
 
 
-def summary_metrics(rows: list[dict], result: dict, upstream: dict | None = None) -> dict:
+def summary_metrics(rows: list[dict], comparisons: list[dict], upstream: dict | None = None) -> dict:
     """The numbers a person compares (``dvc metrics show/diff``): per row and metric the mean and standard
-    deviation over seeds, the verdict's numbers, and ``upstream`` (:func:`upstream_numbers`). No text,
-    lists or settings (those are in the report)."""
+    deviation over seeds and the probe lr chosen on the hold-out (the median of the seeds' choices, one of
+    them); per comparison (``<a>_vs_<b>``) and metric the mean difference, n, and with two seeds or more the
+    95% interval and the verdict as +1 (win) / 0 (no difference detected) / -1 (loss); and ``upstream``
+    (:func:`upstream_numbers`). Numbers only: no text, lists or settings (those are in the report)."""
     out: dict = dict(upstream or {})
     for r in rows:
         entry = {}
-        for key, _ in (*METRICS, ("pretrain_loss", "")):
+        for key in [k for k, _ in PROBE + FINETUNE] + ["pretrain_loss"]:
             s = r.get(key)
             if s is not None:
                 entry[key] = round(s["mean"], 6)
                 if s["std"] is not None:
                     entry[f"{key}_sd"] = round(s["std"], 6)
-        out[r.get("key", r["name"])] = entry
-    out["verdict"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+        if r.get("probe_lr"):
+            entry["probe_base_lr"] = statistics.median_low(r["probe_lr"].values())
+        out[r["key"]] = entry
+    pairs: dict = {}
+    for c in comparisons:
+        numbers = c["result"].numbers()
+        if numbers:
+            pairs.setdefault(f"{c['a']}_vs_{c['b']}", {})[c["metric"]] = numbers
+    out["comparisons"] = pairs
     return out
 
 
