@@ -30,12 +30,16 @@ def main(
     prepared: Path = typer.Option(Path("data/prepared"), help="Labelled shard set written by `semmae prepare`."),
     pretrained: Path = typer.Option(..., help="A pretrain output directory (encoder.pth + meta.json)."),
     out: Path = typer.Option(..., help="Output directory: head.pth + config.json."),
-    metrics: Path = typer.Option(..., help="top-1, top-5, k-NN top-1 (JSON)."),
-    curves: Path = typer.Option(..., help="Per-epoch loss, train accuracy and lr (TSV)."),
+    metrics: Path = typer.Option(..., help="val top-1, top-5, k-NN top-1 of the head chosen on holdout; the chosen "
+                                 "base_lr and every candidate's holdout top-1 (JSON)."),
+    curves: Path = typer.Option(..., help="Per-epoch loss, train accuracy and lr of the chosen head, and of every "
+                                "candidate head (columns <name>_lr<base_lr>) (TSV)."),
     resume: Path = typer.Option(None, help="Resume checkpoints of the head training (kept while a killed run is rerun; not a DVC output)."),
 ) -> None:
-    """MAE's linear probe (BatchNorm + linear head on the frozen CLS token, LARS) and k-NN of one encoder."""
+    """MAE's linear probe (BatchNorm + linear head on the frozen CLS token, LARS) and k-NN of one encoder: one
+    head per linprobe.base_lr candidate, chosen on the holdout split, reported on val."""
     from pipeline.curves import CurveLog
+    from pipeline.eval.linprobe import chosen_curve
     from pipeline.eval.probe_run import probe_pretrained
 
     cfg = load_stage_config(LinprobeConfig, params, "linprobe")
@@ -46,6 +50,10 @@ def main(
                               curve_rows=curve_log.rows if curve_log else None)  # fmt: skip
     if result:  # rank 0 (under torchrun the other ranks only share the encoding)
         atomic_write_json(metrics, result)
+        rows = chosen_curve(curve_log.rows, result["base_lr"])  # loss, train_top1, lr: the chosen head's
+        if rows:
+            curve_log.rows[:] = rows[:-1]
+            curve_log(rows[-1]["step"], {k: v for k, v in rows[-1].items() if k != "step"})  # one rewrite
     log.info("done: %s", result)
 
 

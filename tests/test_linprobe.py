@@ -1,10 +1,7 @@
-"""Linear probing (LARS, head, cached vs online) and the report."""
+"""Linear probing: LARS, the head, cached vs online, the lr grid chosen on the hold-out split, resume."""
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +9,7 @@ import torch
 from conftest import run_semmae, sigkill_after_first_checkpoint, write_params
 from pipeline.config.linprobe import LinprobeConfig
 from pipeline.eval.lars import LARS
-from pipeline.eval.linprobe import probe_features, train_probe
-from pipeline.eval.report import collect_rows, verdict
-
-BIN = Path(sys.executable).parent
+from pipeline.eval.linprobe import chosen_curve, probe_cached, probe_features, train_probe
 
 
 def test_lars_matches_a_hand_computed_step():
@@ -52,11 +46,12 @@ def separable(n, dim=32, classes=4, seed=0):
 
 
 def test_probe_reaches_95_percent_on_separable_features():
-    x, y = separable(800)
-    xv, yv = separable(200, seed=1)
+    splits = {"train": separable(800), "holdout": separable(100, seed=2), "val": separable(200, seed=1)}
     cfg = LinprobeConfig(epochs=30, warmup_epochs=3, batch_size=64, base_lr=4.0)
-    metrics, _ = probe_features(lambda f: f, (x, y), (xv, yv), 4, cfg, torch.device("cpu"))
-    assert metrics["top1"] >= 0.95 and metrics["knn_top1"] >= 0.95
+    metrics, _ = probe_features(lambda f: f, splits, 4, cfg, torch.device("cpu"))
+    assert metrics["top1"] >= 0.95 and metrics["knn_top1"] >= 0.95 and metrics["holdout_knn_top1"] >= 0.95
+    assert metrics["base_lr"] == 4.0 and list(metrics["holdout_by_lr"]) == ["4.0"]
+    assert metrics["holdout_top1"] == metrics["holdout_by_lr"]["4.0"] >= 0.95
     assert "top5" not in metrics  # fewer than 5 classes
 
 
@@ -72,62 +67,127 @@ def test_cached_and_online_probes_agree_without_augmentation():
     cfg = LinprobeConfig(epochs=4, warmup_epochs=1, batch_size=32, eval_batch_size=64)
     cached = train_probe(encode(images), labels, 5, cfg, torch.device("cpu"))
     online = train_probe(images, labels, 5, cfg.model_copy(update={"mode": "online"}), torch.device("cpu"), encode)
-    for (k, a), (_, b) in zip(cached.state_dict().items(), online.state_dict().items()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
+    assert list(cached) == list(online) == cfg.base_lrs()
+    for lr in cached:
+        for (k, a), (_, b) in zip(cached[lr].state_dict().items(), online[lr].state_dict().items()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"{lr} {k}")
 
 
-def fabricate(root: Path, tops: dict[str, list[float]]) -> None:
-    (root / "metrics" / "linprobe").mkdir(parents=True)
-    (root / "metrics" / "pretrain").mkdir(parents=True)
-    for variant, values in tops.items():
-        for seed, top1 in enumerate(values):
-            (root / "metrics" / "linprobe" / f"{variant}-{seed}.json").write_text(
-                json.dumps({"top1": top1, "top5": 0.99, "knn_top1": top1 - 0.02}))
-            (root / "metrics" / "pretrain" / f"{variant}-{seed}.json").write_text(json.dumps({"final_loss": 0.5}))
-            for kind, cols in (("pretrain_curves", "loss\tlr\talpha"), ("linprobe_curves", "loss\ttrain_top1")):
-                (root / "metrics" / kind).mkdir(exist_ok=True)
-                rows = "".join(f"{s}\t" + "\t".join([f"{top1 + s}"] * len(cols.split())) + "\n" for s in range(3))
-                (root / "metrics" / kind / f"{variant}-{seed}.tsv").write_text(f"step\t{cols}\n{rows}")
-    ref = {"top1": 0.5, "top5": 0.9, "knn_top1": 0.45}
-    (root / "metrics" / "linprobe" / "reference.json").write_text(json.dumps({"raw_pixels": ref, "random_encoder": ref}))
+def test_each_head_of_a_grid_trains_as_it_would_alone():
+    """Same initialisation, same batches, independent optimisers: a grid is several single runs at once."""
+    x, y = separable(300, dim=16)
+    cfg = LinprobeConfig(epochs=3, warmup_epochs=1, batch_size=32, base_lr=[0.5, 4.0, 20.0])
+    grid = train_probe(x, y, 4, cfg, torch.device("cpu"))
+    alone = train_probe(x, y, 4, cfg.model_copy(update={"base_lr": [4.0]}), torch.device("cpu"))
+    for (k, a), (_, b) in zip(grid[4.0].state_dict().items(), alone[4.0].state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert not torch.equal(grid[0.5][1].weight, grid[20.0][1].weight)
 
 
-@pytest.mark.parametrize(("tops", "expected"), [
-    ({"semantic": [0.70, 0.71, 0.72], "random": [0.60, 0.61, 0.62]}, "SemMAE beat MAE: +10.0 points"),
-    ({"semantic": [0.60, 0.70, 0.65], "random": [0.64, 0.62, 0.66]}, "No difference above seed noise"),
-    ({"semantic": [0.70], "random": [0.60]}, "with one seed per variant: no spread is measured"),
-])  # fmt: skip
-def test_report_renders_from_fabricated_metrics(tmp_path, tops, expected):
-    fabricate(tmp_path, tops)
-    seeds = list(range(len(tops["semantic"])))
-    write_params(tmp_path / "params.yaml", linprobe={}, pretrain={"seeds": seeds, "common": {},
-                 "variants": {"semantic": {"masking": "semantic"}, "random": {"masking": "random"}}})  # fmt: skip
-    res = subprocess.run([str(BIN / "semmae"), "report"], cwd=tmp_path, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    md = (tmp_path / "reports" / "linprobe.md").read_text()
-    assert expected in md
-    for row in ("| SemMAE (semantic masking) | masking=semantic |", "| MAE (random masking) | masking=random |", "| raw pixels |",
-                "| random encoder (no pretraining) |"):  # fmt: skip
-        assert row in md
-    table = (tmp_path / "reports" / "linprobe.csv").read_text().splitlines()
-    assert table[0] == "row,seeds,top1,top1_sd,top5,top5_sd,knn_top1,knn_top1_sd" and len(table) == 5
-    assert f"MAE (random masking),{len(seeds)},{100 * sum(tops['random']) / len(seeds):.2f}," in "\n".join(table)
-    curves = (tmp_path / "reports" / "curves" / "pretrain.tsv").read_text().splitlines()
-    assert curves[0] == "run\tstep\tloss\tlr\talpha" and len(curves) == 1 + 3 * 2 * len(seeds)  # every run's rows
-    assert {line.split("\t")[0] for line in curves[1:]} == {f"{v}-{s}" for v in tops for s in seeds}
-    summary = json.loads((tmp_path / "metrics" / "report.json").read_text())
-    assert all(isinstance(v, (int, float)) for row in summary.values() for v in row.values())  # numbers only
-    assert summary["verdict"]["semantic_minus_random_top1"] == pytest.approx(
-        sum(tops["semantic"]) / len(seeds) - sum(tops["random"]) / len(seeds))
+def rigged_splits(lrs: list[float], holdout_favours: float, val_favours: float):
+    """Features whose hold-out labels agree with the head trained at ``holdout_favours`` and whose val
+    labels agree with the head at ``val_favours``, on points where the two heads disagree."""
+    x, y = separable(400, dim=16, classes=4)
+    x = x + 4 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))  # noisy: heads differ by lr
+    cfg = LinprobeConfig(epochs=2, warmup_epochs=0, batch_size=50, base_lr=lrs)
+    heads = train_probe(x, y, 4, cfg, torch.device("cpu"))
+    probe = torch.randn(4000, 16, generator=torch.Generator().manual_seed(4)) * 6
+    with torch.no_grad():
+        pred = {lr: heads[lr](probe).argmax(1) for lr in (holdout_favours, val_favours)}
+    differ = pred[holdout_favours] != pred[val_favours]
+    assert differ.sum() >= 40
+    pts = probe[differ][:40]
+    feats = {"train": x, "holdout": pts[:20], "val": pts[20:]}
+    labels = {"train": y, "holdout": pred[holdout_favours][differ][:20], "val": pred[val_favours][differ][20:40]}
+    return cfg, feats, labels
 
 
-def test_report_names_a_missing_metrics_file(tmp_path):
-    fabricate(tmp_path, {"semantic": [0.7], "random": [0.6]})
-    (tmp_path / "metrics" / "linprobe" / "random-0.json").unlink()
-    with pytest.raises(Exception, match=r"random-0.json not found: run the stage that writes it"):
-        collect_rows(tmp_path / "metrics" / "linprobe", tmp_path / "metrics" / "pretrain",
-                     {"semantic": {}, "random": {}}, [0])  # fmt: skip
-    assert verdict([])["text"].startswith("no comparison")
+@pytest.mark.parametrize(("holdout_favours", "val_favours"), [(10.0, 0.01), (0.01, 10.0)])
+def test_the_lr_is_chosen_on_the_holdout_split_never_on_val(holdout_favours, val_favours):
+    cfg, feats, labels = rigged_splits([0.01, 10.0], holdout_favours, val_favours)
+    metrics, head = probe_cached(feats, labels, 4, cfg, torch.device("cpu"))
+    assert metrics["base_lr"] == holdout_favours
+    assert metrics["holdout_by_lr"][repr(holdout_favours)] == metrics["holdout_top1"] == 1.0
+    assert metrics["holdout_by_lr"][repr(val_favours)] == 0.0
+    assert metrics["top1"] == 0.0  # val is reported for the chosen head, although the other one scores 1.0 there
+    with torch.no_grad():
+        assert torch.equal(head(feats["holdout"]).argmax(1), labels["holdout"])
+
+
+def test_a_tie_on_the_holdout_split_keeps_the_smaller_lr():
+    import copy
+
+    from pipeline.eval.linprobe import probe_head, select_and_evaluate
+
+    x, y = separable(120, dim=8)
+    torch.manual_seed(0)
+    head = probe_head(8, 4).eval()
+    heads = {8.0: head, 2.0: copy.deepcopy(head), 4.0: copy.deepcopy(head)}  # equal heads: equal hold-out scores
+    heads[2.0][1].bias.data += torch.tensor([0.0, 0.0, 0.0, 1e-7])  # tell them apart without changing a prediction
+    feats, labels = {"train": x[:40], "holdout": x[40:80], "val": x[80:]}, {"train": y[:40], "holdout": y[40:80], "val": y[80:]}
+    metrics, chosen = select_and_evaluate(heads, feats, labels, LinprobeConfig(knn_k=5), torch.device("cpu"))
+    assert len(set(metrics["holdout_by_lr"].values())) == 1 and metrics["base_lr"] == 2.0 and chosen is heads[2.0]
+    assert list(metrics["holdout_by_lr"]) == ["2.0", "4.0", "8.0"]
+
+
+class KilledAfter(Exception):
+    pass
+
+
+def test_a_killed_multi_head_probe_resumes_from_its_last_epoch(tmp_path):
+    from pipeline.resume import ResumeStore
+
+    class DyingStore(ResumeStore):  # a run killed right after its second epoch's checkpoint
+        saves = 0
+
+        def save(self, state):
+            super().save(state)
+            DyingStore.saves += 1
+            if DyingStore.saves == 2:
+                raise KilledAfter
+
+    x, y = separable(200, dim=8)
+    cfg = LinprobeConfig(epochs=5, warmup_epochs=1, batch_size=40, base_lr=[1.0, 10.0])
+    rows_whole: list = []
+    whole = train_probe(x, y, 4, cfg, torch.device("cpu"), log_row=lambda s, r: rows_whole.append({"step": s, **r}),
+                        curve_rows=rows_whole)  # fmt: skip
+    rows: list = []
+    with pytest.raises(KilledAfter):
+        train_probe(x, y, 4, cfg, torch.device("cpu"), log_row=lambda s, r: rows.append({"step": s, **r}),
+                    store=DyingStore(tmp_path, "fp"), curve_rows=rows)  # fmt: skip
+    logged: list = []
+
+    def log_row(step, r):
+        logged.append(r["epoch"])
+        rows.append({"step": step, **r})
+
+    resumed = train_probe(x, y, 4, cfg, torch.device("cpu"), log_row=log_row, store=ResumeStore(tmp_path, "fp"),
+                          curve_rows=rows)  # fmt: skip
+    assert logged == [3, 4, 5]  # started from epoch 2 (of 5), not from scratch
+    for lr in cfg.base_lrs():
+        for (k, a), (_, b) in zip(whole[lr].state_dict().items(), resumed[lr].state_dict().items()):
+            torch.testing.assert_close(a, b, msg=f"{lr} {k}")
+    assert rows == rows_whole
+    picked = chosen_curve(rows, 10.0)
+    assert [r["loss"] for r in picked] == [r["loss_lr10.0"] for r in rows] and "train_top1" in picked[0]
+
+
+def test_eval_crop_pct_resizes_then_centre_crops():
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.images import to_square
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))  # w 40, h 30
+    full = to_square(img, 16)
+    expected = np.asarray(img.resize((21, 16), Image.Resampling.BICUBIC).crop((2, 0, 18, 16))).transpose(2, 0, 1)
+    np.testing.assert_array_equal(full, expected)  # crop_pct 1.0: the shorter side becomes the crop
+    cropped = to_square(img, 16, crop_pct=0.5)  # shorter side 32, then the central 16 x 16
+    expected = np.asarray(img.resize((43, 32), Image.Resampling.BICUBIC).crop((13, 8, 29, 24))).transpose(2, 0, 1)
+    np.testing.assert_array_equal(cropped, expected)
+    with pytest.raises(ValueError, match="crop_pct"):
+        to_square(img, 16, crop_pct=1.5)
 
 
 def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
@@ -136,7 +196,8 @@ def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
     from pipeline.models.checkpoint import build_vit, save_backbone
 
     root, _ = fake_fmnist
-    prepare_dataset(PrepareConfig(root=str(root), train_limit=100, val_limit=40, num_workers=0), tmp_path / "prepared")
+    prepare_dataset(PrepareConfig(root=str(root), train_limit=100, val_limit=40, holdout_size=30, num_workers=0),
+                    tmp_path / "prepared")  # fmt: skip
     shape = {"arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 1, "num_heads": 2, "embed_dim": 32}
     (tmp_path / "enc").mkdir()
     torch.manual_seed(0)
@@ -157,6 +218,15 @@ def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
     for rel in ("out/head.pth", "m.json", "c.tsv"):
         assert (tmp_path / "broken" / rel).read_bytes() == (tmp_path / "unbroken" / rel).read_bytes(), rel
     assert not any((tmp_path / "broken" / "resume").iterdir())
+    metrics = json.loads((tmp_path / "broken" / "m.json").read_text())
+    grid = LinprobeConfig().base_lrs()  # the default grid: four heads in one run
+    assert list(metrics["holdout_by_lr"]) == [repr(lr) for lr in grid] and metrics["base_lr"] in grid
+    assert metrics["holdout_top1"] == max(metrics["holdout_by_lr"].values())
+    header, *rows = (tmp_path / "broken" / "c.tsv").read_text().splitlines()
+    columns = header.split("\t")
+    assert {"step", "loss", "train_top1", "lr", f"loss_lr{metrics['base_lr']!r}"} <= set(columns) and len(rows) == 150
+    last = dict(zip(columns, rows[-1].split("\t")))
+    assert last["loss"] == last[f"loss_lr{metrics['base_lr']!r}"]  # the plotted curve is the chosen head's
 
 
 def test_a_class_without_training_images_is_refused_before_any_encoding(tmp_path):
@@ -167,8 +237,19 @@ def test_a_class_without_training_images_is_refused_before_any_encoding(tmp_path
     index = {"format": "semmae-shards/1", "classes": ["a", "b", "c"],
              "splits": {"train": {"class_counts": [5, 0, 5]}, "val": {"class_counts": [1, 1, 0]}}}  # fmt: skip
     (tmp_path / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ProbeError, match=r"classes \['b'\] have validation but no training images"):
+    with pytest.raises(ProbeError, match=r"has no \['holdout'\] split.*rerun prepare"):
         _check_class_counts(tmp_path)
+    index["splits"]["holdout"] = {"class_counts": [1, 0, 0]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ProbeError, match=r"classes \['b'\] have hold-out or validation but no training images"):
+        _check_class_counts(tmp_path)
+    index["splits"]["val"]["class_counts"] = [1, 0, 0]
+    index["splits"]["holdout"]["class_counts"] = [1, 1, 0]
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ProbeError, match=r"classes \['b'\] have hold-out"):
+        _check_class_counts(tmp_path)
+    index["splits"]["holdout"]["class_counts"] = [1, 0, 0]
+    index["splits"]["val"]["class_counts"] = [1, 1, 0]
     index["splits"]["train"]["class_counts"] = [5, 5]
     (tmp_path / "index.json").write_text(json.dumps(index))
     with pytest.raises(ProbeError, match="class_counts do not match its 3 classes"):
@@ -176,3 +257,38 @@ def test_a_class_without_training_images_is_refused_before_any_encoding(tmp_path
     index["splits"]["train"]["class_counts"] = [5, 5, 0]  # a class with no images at all is harmless
     (tmp_path / "index.json").write_text(json.dumps(index))
     _check_class_counts(tmp_path)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_probe_images_are_squared_with_eval_crop_pct_on_every_split(tmp_path, monkeypatch, augment):
+    """Cached features and every evaluated split use eval_crop_pct; online training with augment reads the
+    whole image (its RandomResizedCrop does the cropping)."""
+    from pipeline.eval import probe_run
+
+    counts = {"class_counts": [2, 2]}
+    (tmp_path / "index.json").write_text(json.dumps({"format": "semmae-shards/1", "classes": ["a", "b"],
+                                                     "splits": {s: counts for s in ("train", "holdout", "val")}}))  # fmt: skip
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_encode_splits(prepared, img_size, encoders, batch_size, **kw):
+        calls.append(("all", kw["splits"], kw["crop_pct"]))
+        raise Stop
+
+    def fake_load_split(prepared, split, img_size, desc="", crop_pct=1.0):
+        calls.append((split, crop_pct))
+        return torch.zeros(2, 3, img_size, img_size, dtype=torch.uint8), torch.tensor([0, 1]), ["k0", "k1"]
+
+    monkeypatch.setattr(probe_run, "encode_splits", fake_encode_splits)
+    monkeypatch.setattr(probe_run, "load_split", fake_load_split)
+    monkeypatch.setattr(probe_run, "probe_features", lambda *a, **k: ({}, None))
+    cfg = LinprobeConfig(eval_crop_pct=0.875)
+    with pytest.raises(Stop):
+        probe_run._probe(cfg, tmp_path, 16, {"x": None}, torch.device("cpu"))
+    assert calls == [("all", ("train", "holdout", "val"), 0.875)]
+    calls.clear()
+    online = cfg.model_copy(update={"mode": "online", "augment": augment})
+    probe_run._probe(online, tmp_path, 16, {"x": None}, torch.device("cpu"))
+    assert calls == [("train", 1.0 if augment else 0.875), ("holdout", 0.875), ("val", 0.875)]

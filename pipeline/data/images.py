@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -18,12 +19,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def to_square(img: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bicubic), centre-crop to ``size x size``; RGB ``uint8 [3, S, S]``."""
+def to_square(img: Image.Image, size: int, crop_pct: float = 1.0) -> np.ndarray:
+    """Resize the shorter side to ``floor(size / crop_pct)`` (bicubic), centre-crop to ``size x size``; RGB
+    ``uint8 [3, S, S]``. ``crop_pct=1.0``: the shorter side becomes ``size`` (the whole short side is kept);
+    MAE's ImageNet evaluation is 0.875 (256 -> 224), timm's ``crop_pct`` convention."""
+    # by hand rather than torchvision's Resize + CenterCrop: Resize truncates the long side where this rounds,
+    # and the stages' tensors (and the tests that pin them) come from this exact arithmetic
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]")
     img = img.convert("RGB")
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    short = size if crop_pct == 1.0 else math.floor(size / crop_pct)
+    scale = short / min(w, h)
+    nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
@@ -31,20 +39,22 @@ def to_square(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def iter_split(shard_dir: Union[str, Path], split: str, size: int) -> Iterator[tuple[str, np.ndarray, int]]:
-    """``(key, uint8 [3, size, size], label)`` for every sample of ``split``, in shard order."""
+def iter_split(shard_dir: Union[str, Path], split: str, size: int, crop_pct: float = 1.0,
+               ) -> Iterator[tuple[str, np.ndarray, int]]:  # fmt: skip
+    """``(key, uint8 [3, size, size], label)`` for every sample of ``split``, in shard order (see :func:`to_square`)."""
     entries = shard_entries(shard_dir, split)
     for s in iter_samples([e.path for e in entries], [e.num_samples for e in entries]):
-        yield s["__key__"], to_square(decode_image(s["image"], where=s["where"]), size), s["cls"]
+        yield s["__key__"], to_square(decode_image(s["image"], where=s["where"]), size, crop_pct), s["cls"]
 
 
-def load_split(shard_dir: Union[str, Path], split: str, size: int, desc: str = "") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_split(shard_dir: Union[str, Path], split: str, size: int, desc: str = "", crop_pct: float = 1.0,
+               ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:  # fmt: skip
     """All images of ``split`` as ``uint8 [N, 3, size, size]``, labels ``int64 [N]`` and keys (shard order)."""
     total = read_index(shard_dir)["splits"][split]["num_samples"]
     images = np.empty((total, 3, size, size), dtype=np.uint8)
     labels, keys = np.empty(total, dtype=np.int64), []
     for i, (key, img, label) in enumerate(
-        tqdm(iter_split(shard_dir, split, size), total=total, desc=desc or f"load {split}", unit="img", mininterval=1.0)
+        tqdm(iter_split(shard_dir, split, size, crop_pct), total=total, desc=desc or f"load {split}", unit="img", mininterval=1.0)
     ):
         images[i], labels[i] = img, label
         keys.append(key)

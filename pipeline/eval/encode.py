@@ -4,7 +4,7 @@ pass of the prepared splits through several of them (the linear probe's and the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ def pixel_encoder(size: Optional[int] = None) -> Callable[[torch.Tensor], torch.
 
 @torch.no_grad()
 def _encode_shard(shard: str, count: int, img_size: int, encoders: dict, batch_size: int, keep: Optional[set[int]], first: int,
-                  bar: tqdm) -> tuple[dict[str, torch.Tensor], list[int]]:  # fmt: skip
+                  bar: tqdm, crop_pct: float = 1.0) -> tuple[dict[str, torch.Tensor], list[int]]:  # fmt: skip
     out: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
     ys: list[int] = []
     batch: list[np.ndarray] = []
@@ -61,7 +61,7 @@ def _encode_shard(shard: str, count: int, img_size: int, encoders: dict, batch_s
     for i, s in enumerate(iter_samples([shard], [count])):
         if keep is not None and first + i not in keep:
             continue
-        batch.append(to_square(decode_image(s["image"], where=s["where"]), img_size))
+        batch.append(to_square(decode_image(s["image"], where=s["where"]), img_size, crop_pct))
         ys.append(s["cls"])
         if len(batch) == batch_size:
             flush()
@@ -73,9 +73,11 @@ def _encode_shard(shard: str, count: int, img_size: int, encoders: dict, batch_s
 @torch.no_grad()
 def encode_splits(prepared: str | Path, img_size: int, encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]],
                   batch_size: int, desc: str = "encode", limit: Optional[int] = None, seed: int = 0,
+                  splits: Sequence[str] = ("train", "val"), crop_pct: float = 1.0,
                   ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:  # fmt: skip
-    """Stream the prepared train and val splits once through every encoder: ``({encoder: {split: features
-    fp32 [N, D]}}, {split: labels})`` in shard order.
+    """Stream the prepared ``splits`` once through every encoder: ``({encoder: {split: features fp32 [N, D]}},
+    {split: labels})`` in shard order. Images are squared by :func:`~pipeline.data.images.to_square` with
+    ``crop_pct``.
 
     Only one batch of images is in memory at a time, so a split of any size (ImageNet's 1.28M) is
     encoded in the memory of its features. Batches never cross a shard, and under ``torchrun`` every
@@ -86,7 +88,7 @@ def encode_splits(prepared: str | Path, img_size: int, encoders: dict[str, Calla
     feats: dict[str, dict[str, torch.Tensor]] = {name: {} for name in encoders}
     labels: dict[str, torch.Tensor] = {}
     world, rank = D.world_size(), D.rank()
-    for split in ("train", "val"):
+    for split in splits:
         entries = shard_entries(prepared, split)
         shards, counts = [e.path for e in entries], [e.num_samples for e in entries]
         keep = select_ordinals(sum(counts), limit, seed, split)
@@ -97,7 +99,7 @@ def encode_splits(prepared: str | Path, img_size: int, encoders: dict[str, Calla
         parts: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
         for j, shard in enumerate(shards):
             if j % world == rank:
-                f, ys = _encode_shard(shard, counts[j], img_size, encoders, batch_size, keep, firsts[j], bar)
+                f, ys = _encode_shard(shard, counts[j], img_size, encoders, batch_size, keep, firsts[j], bar, crop_pct)
                 part = ({n: t.contiguous() for n, t in f.items()}, torch.tensor(ys, dtype=torch.int64))
             else:
                 part = ({}, torch.empty(sizes[j], dtype=torch.int64))

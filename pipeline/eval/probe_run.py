@@ -1,5 +1,6 @@
 """The ``linprobe`` stages' logic: probe one pretrained encoder, or the two references that need no
-pretraining (raw pixels; a randomly initialised encoder of the same shape)."""
+pretraining (raw pixels; a randomly initialised encoder of the same shape). Every probe trains on
+``train``, chooses its lr on ``holdout`` and reports ``val`` (:mod:`pipeline.eval.linprobe`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pipeline.data.images import load_split
 from pipeline.data.shards import read_index
 from pipeline.errors import PipelineError
 from pipeline.eval.encode import encode_splits, pixel_encoder, vit_encoder
-from pipeline.eval.linprobe import probe_cached, probe_features
+from pipeline.eval.linprobe import PROBE_SPLITS, probe_cached, probe_features
 from pipeline.io import atomic_output_dir, file_sha256
 from pipeline.models.checkpoint import build_vit, load_backbone
 from pipeline.resume import ResumeStore, fingerprint
@@ -57,45 +58,55 @@ def _classes(prepared: Path, labels: dict[str, torch.Tensor]) -> int:
 
 
 def _check_class_counts(prepared: Path) -> None:
-    """Before any encoding: every class that has validation images has training images (else its head
-    output is never trained and its validation images count as errors for no fault of the encoder)."""
+    """Before any encoding: the three splits exist, and every class that has hold-out or validation images
+    has training images (else its head output is never trained and its images count as errors for no
+    fault of the encoder)."""
     index = read_index(prepared)
     classes = index["classes"]
-    counts = {s: index["splits"][s].get("class_counts") for s in ("train", "val")}
+    missing = [s for s in PROBE_SPLITS if s not in index["splits"]]
+    if missing:
+        raise ProbeError(f"{prepared}/index.json has no {missing} split (has {sorted(index['splits'])}): the probe "
+                         "chooses its lr on 'holdout' and reports 'val'; rerun prepare (prepare.holdout_size)")  # fmt: skip
+    counts = {s: index["splits"][s].get("class_counts") for s in PROBE_SPLITS}
     if any(not isinstance(c, list) or len(c) != len(classes) for c in counts.values()):
         raise ProbeError(f"{prepared}/index.json: class_counts do not match its {len(classes)} classes: rerun prepare")
-    untrained = [name for name, t, v in zip(classes, counts["train"], counts["val"]) if v and not t]
+    untrained = [name for name, t, h, v in zip(classes, counts["train"], counts["holdout"], counts["val"])
+                 if (v or h) and not t]  # fmt: skip
     if untrained:
-        raise ProbeError(f"{prepared}: classes {untrained[:5]} have validation but no training images, so the probe "
-                         "head cannot learn them: raise prepare.train_limit or add training images for them")
+        raise ProbeError(f"{prepared}: classes {untrained[:5]} have hold-out or validation but no training images, so "
+                         "the probe head cannot learn them: raise prepare.train_limit or add training images for them")
 
 
 def _probe(cfg: LinprobeConfig, prepared: Path, img_size: int, encoders: dict, device: torch.device,
            log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe", store=None,
            curve_rows: Optional[list] = None) -> tuple[dict, dict]:  # fmt: skip
     """``{encoder name: (metrics, head)}``. Cached mode streams the splits once through every encoder
-    (images never all in memory); online mode holds both splits in memory (small datasets)."""
+    (images never all in memory); online mode holds the three splits in memory (small datasets). Images are
+    squared with ``cfg.eval_crop_pct``, but for online training with ``augment`` (RandomResizedCrop then
+    sees the whole image)."""
     results = {}
     _check_class_counts(prepared)
     if cfg.mode == "cached":
-        feats, labels = encode_splits(prepared, img_size, encoders, cfg.eval_batch_size, desc=f"{desc}: encode")
+        feats, labels = encode_splits(prepared, img_size, encoders, cfg.eval_batch_size, desc=f"{desc}: encode",
+                                      splits=PROBE_SPLITS, crop_pct=cfg.eval_crop_pct)  # fmt: skip
         if not D.is_main():  # under torchrun the ranks share the encoding; rank 0 trains the (cheap) heads
             return {}, {}
         classes = _classes(prepared, labels)
         for name, f in feats.items():
-            results[name] = probe_cached(f["train"], labels["train"], f["val"], labels["val"], classes, cfg, device,
-                                         log_row, desc=f"{desc} {name}".strip(), store=store, curve_rows=curve_rows)  # fmt: skip
+            results[name] = probe_cached(f, labels, classes, cfg, device, log_row, desc=f"{desc} {name}".strip(),
+                                         store=store, curve_rows=curve_rows)  # fmt: skip
         return results, {"num_classes": classes}
     if D.world_size() > 1:
         raise ProbeError("linprobe mode: online runs in one process (it holds the splits in memory): run it without "
                          "torchrun, or use mode: cached")  # fmt: skip
-    train = load_split(prepared, "train", img_size, desc="load train")
-    val = load_split(prepared, "val", img_size, desc="load val")
-    classes = _classes(prepared, {"train": train[1], "val": val[1]})
+    splits = {}
+    for split in PROBE_SPLITS:
+        crop_pct = 1.0 if split == "train" and cfg.augment else cfg.eval_crop_pct
+        splits[split] = load_split(prepared, split, img_size, desc=f"load {split}", crop_pct=crop_pct)[:2]
+    classes = _classes(prepared, {s: y for s, (_, y) in splits.items()})
     for name, encode in encoders.items():
-        results[name] = probe_features(encode, train[:2], val[:2], classes, cfg, device, log_row, store=store,
-                                       curve_rows=curve_rows,
-                                       desc=f"{desc} {name}".strip())  # fmt: skip
+        results[name] = probe_features(encode, splits, classes, cfg, device, log_row, store=store,
+                                       curve_rows=curve_rows, desc=f"{desc} {name}".strip())  # fmt: skip
     return results, {"num_classes": classes}
 
 
