@@ -88,15 +88,16 @@ def test_variants_of_one_seed_share_head_init_and_batches(prepared):
     """Pairing: two encoders fine-tuned with one seed get the same head initialisation and the same
     augmented batches; another seed differs."""
     from pipeline.finetune import train as T
-    from pipeline.finetune.data import mix_seed, train_loader, train_transform
+    from pipeline.data.labelled import mix_seed, train_loader, train_transform
 
     cfg = FinetuneConfig(**FAST)
     heads, batches = [], []
     for seed in (0, 0, 1):
         run = T._set_up(cfg, SHAPE, prepared, None, seed, None, "")
         heads.append(run.model.head.weight.detach().clone())
-        loader = train_loader(run.shards, run.counts, train_transform(cfg, 16), mix_seed(cfg.seed, seed), 0, 0, 1,
-                              cfg.shuffle_buffer, run.micro, 0)  # fmt: skip
+        augment = train_transform(16, cfg.crop_scale, cfg.hflip, cfg.auto_augment, cfg.random_erasing)
+        loader = train_loader(run.shards, run.counts, augment, mix_seed(cfg.seed, seed), 0, 0, 1, cfg.shuffle_buffer,
+                              run.micro, 0)  # fmt: skip
         batches.append(next(iter(loader)))
     assert torch.equal(heads[0], heads[1]) and torch.equal(batches[0][0], batches[1][0])
     assert torch.equal(batches[0][1], batches[1][1])
@@ -160,3 +161,13 @@ def test_params_yaml_finetune_section_is_valid():
     from conftest import REPO
 
     FinetuneConfig(**yaml.safe_load((REPO / "params.yaml").read_text())["finetune"])
+
+
+def test_whole_file_check_covers_the_finetune_section(tmp_path):
+    """`semmae check` (run before every stage) validates finetune and its batch against the train images."""
+    from pipeline.config.check import check_params
+
+    path = write_params(tmp_path / "p.yaml", prepare={"train_limit": 500}, finetune={"batch_size": 501})
+    assert any("'finetune.batch_size' = 501 exceeds the 500 train images" in e for e in check_params(path).errors)
+    write_params(path, finetune={"mixup": -1.0})
+    assert any("finetune.mixup" in e for e in check_params(path).errors)

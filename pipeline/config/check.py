@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.config.base import ConfigError, load_stage_config
 from pipeline.config.extract import ExtractConfig
+from pipeline.config.finetune import FinetuneConfig
 from pipeline.config.linprobe import LinprobeConfig
 from pipeline.config.parts import ExportPartsConfig, PartsConfig
 from pipeline.config.prepare import PrepareConfig
@@ -27,7 +28,7 @@ __all__ = ["check_params", "ParamsReport", "FASHION_MNIST_TRAIN"]
 
 FASHION_MNIST_TRAIN = 60_000
 SECTIONS = {"prepare": PrepareConfig, "teacher": TeacherConfig, "extract": ExtractConfig, "parts": PartsConfig,
-            "export_parts": ExportPartsConfig, "linprobe": LinprobeConfig}  # fmt: skip
+            "export_parts": ExportPartsConfig, "linprobe": LinprobeConfig, "finetune": FinetuneConfig}  # fmt: skip
 
 
 class ParamsReport:
@@ -162,7 +163,8 @@ def _cross_checks(rep: ParamsReport) -> None:
     if n_train is not None:
         trained = teacher is not None and teacher.init == "train"
         for key, value in (("teacher.train.batch_size", teacher.train.batch_size if trained else None),
-                           ("linprobe.batch_size", probe.batch_size if probe is not None else None)):  # fmt: skip
+                           ("linprobe.batch_size", probe.batch_size if probe is not None else None),
+                           ("finetune.batch_size", c["finetune"].batch_size if "finetune" in c else None)):  # fmt: skip
             if value is not None and value > n_train:
                 rep.error(f"'{key}' = {value} exceeds the {n_train} train images (prepare.train_limit, after prepare.holdout_size)")
     if prep is not None and prep.resize is not None:

@@ -30,7 +30,7 @@ from pipeline.config.base import resolved_config
 from pipeline.config.finetune import FinetuneConfig
 from pipeline.data.shards import read_index, shard_entries
 from pipeline.errors import PipelineError
-from pipeline.finetune.data import eval_batches, eval_transform, mix_seed, seed_everything, train_loader, train_transform
+from pipeline.data.labelled import eval_batches, eval_transform, mix_seed, seed_everything, train_loader, train_transform
 from pipeline.io import atomic_output_dir, ensure_free_space, json_bytes
 from pipeline.models.checkpoint import CheckpointError, backbone_state_dict, load_checkpoint_file
 from pipeline.resume import ResumeStore
@@ -236,8 +236,9 @@ def _train_epoch(run: _Run, net: nn.Module, epoch: int, bar: tqdm) -> list[dict]
     """One epoch; returns its curve rows (one per step: step, loss averaged over the ranks, lr, epoch)."""
     cfg = run.cfg
     seed_everything(mix_seed(cfg.seed, run.run_seed, epoch, D.rank(), 3))  # drop path and Mixup draws
-    loader = train_loader(run.shards, run.counts, train_transform(cfg, run.img_size), mix_seed(cfg.seed, run.run_seed),
-                          epoch, D.rank(), run.world, cfg.shuffle_buffer, run.micro, cfg.num_workers)  # fmt: skip
+    augment = train_transform(run.img_size, cfg.crop_scale, cfg.hflip, cfg.auto_augment, cfg.random_erasing)
+    loader = train_loader(run.shards, run.counts, augment, mix_seed(cfg.seed, run.run_seed), epoch, D.rank(), run.world,
+                          cfg.shuffle_buffer, run.micro, cfg.num_workers)  # fmt: skip
     batches = iter(loader)
     run.model.train()
     losses, lrs = [], []

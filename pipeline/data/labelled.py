@@ -1,4 +1,5 @@
-"""Labelled images for fine-tuning, streamed from the prepared shards.
+"""Labelled images streamed from the prepared shards: the training streams and evaluation passes of
+fine-tuning (and any stage that trains on augmented labelled images).
 
 Training: every rank (and each of its loader workers) is one *stream* over its own slice of the
 epoch-shuffled shard list, with its own shuffle buffer; a stream that runs out starts another pass,
@@ -17,7 +18,7 @@ Evaluation: each rank reads every world-th shard of a split in order (centre cro
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,16 +70,18 @@ def _patch_posterize() -> None:
                 auto_augment.NAME_TO_OP[name] = _posterize
 
 
-def train_transform(cfg, img_size: int) -> Callable:
-    """MAE's fine-tuning augmentation, built by timm: RandomResizedCrop (bicubic) + flip, RandAugment,
-    ImageNet normalisation, random erasing (pixel mode). No colour jitter (off under RandAugment, as in MAE)."""
+def train_transform(img_size: int, crop_scale: Sequence[float], hflip: float, auto_augment: Optional[str] = None,
+                    random_erasing: float = 0.0) -> Callable:
+    """Training augmentation built by timm: RandomResizedCrop (bicubic) + flip, optionally RandAugment
+    (``auto_augment``, e.g. MAE fine-tuning's 'rand-m9-mstd0.5-inc1') and random erasing (pixel mode), ImageNet
+    normalisation. No colour jitter (MAE uses none: off under RandAugment, absent from its linear probe)."""
     from timm.data import create_transform
 
     _patch_posterize()
 
-    return create_transform(input_size=img_size, is_training=True, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
-                            color_jitter=None, auto_augment=cfg.auto_augment, interpolation="bicubic",
-                            re_prob=cfg.random_erasing, re_mode="pixel", re_count=1,
+    return create_transform(input_size=img_size, is_training=True, scale=tuple(crop_scale), hflip=hflip,
+                            color_jitter=None, auto_augment=auto_augment, interpolation="bicubic",
+                            re_prob=random_erasing, re_mode="pixel", re_count=1,
                             mean=IMAGENET_MEAN, std=IMAGENET_STD)  # fmt: skip
 
 
