@@ -44,7 +44,7 @@ def valid_shard_set(out: Path) -> bool:
 
 def test_sigkill_while_writing_shards_never_leaves_a_partial_output(fake_fmnist, tmp_path):
     root, _ = fake_fmnist
-    write_params(tmp_path / "params.yaml", prepare={"root": str(root), "train_limit": 300, "val_limit": 120,
+    write_params(tmp_path / "params.yaml", prepare={"root": str(root), "train_limit": 250, "val_limit": 120, "holdout_size": 50,
                                                     "shard_size": 10, "num_workers": 0})  # fmt: skip
     args = [str(BIN / "semmae"), "prepare", "--out", "data/prepared", "--metrics", "metrics/prepare.json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -66,7 +66,7 @@ def test_sigkill_while_writing_shards_never_leaves_a_partial_output(fake_fmnist,
         proc.wait(timeout=30)
         # whatever the moment: the complete output of some run (all runs write the same bytes)
         assert valid_shard_set(out) and file_sha256(out / "index.json") == first
-        assert json.loads(metrics.read_text())["train"]["num_samples"] == 300
+        assert json.loads(metrics.read_text())["train"]["num_samples"] == 250
         temporaries = [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".prepared.tmp-")]
         assert temporaries in ([], [mine])  # each run removed the previous killed run's
         mid_write += mine.exists()

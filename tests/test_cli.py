@@ -31,7 +31,7 @@ def test_help_lists_every_stage(tmp_path):
 
 def test_bad_parameter_fails_cleanly_before_any_output(tmp_path, fake_fmnist):
     root, _ = fake_fmnist
-    write_params(tmp_path / "params.yaml", prepare={"root": str(root), "shard_size": 0})
+    write_params(tmp_path / "params.yaml", prepare={"root": str(root), "shard_size": 0, "holdout_size": 50})
     res = semmae("prepare", "--out", "data/prepared", "--metrics", "m.json", cwd=tmp_path)
     assert res.returncode == 2
     assert "prepare.shard_size" in res.stderr and "greater than 0" in res.stderr
@@ -67,13 +67,14 @@ def test_missing_dataset_fails_cleanly(tmp_path):
 
 def test_prepare_writes_shards_index_config_and_metrics(tmp_path, fake_fmnist):
     root, _ = fake_fmnist
-    write_params(tmp_path / "p.yaml", prepare={"root": str(root), "train_limit": 50, "val_limit": 20, "shard_size": 20})
+    write_params(tmp_path / "p.yaml", prepare={"root": str(root), "train_limit": 50, "val_limit": 20, "holdout_size": 30,
+                                               "shard_size": 20})  # fmt: skip
     res = semmae("prepare", "--params", "p.yaml", "--out", "o", "--metrics", "metrics/prepare.json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     metrics = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
     assert metrics["train"] == {"num_samples": 50, "num_shards": 3, "skipped": 0}
     assert metrics["val"]["num_samples"] == 20 and metrics["num_classes"] == 10
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "index.json", "train", "val"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "holdout", "index.json", "train", "val"]
 
 
 def test_an_imagefolder_with_more_classes_than_train_images_is_refused_at_the_start(tmp_path, monkeypatch):

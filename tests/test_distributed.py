@@ -33,7 +33,7 @@ def semmae(cwd: Path, *args: str, procs: int = 1) -> subprocess.CompletedProcess
 def test_teacher_knn_and_linprobe_reference_under_two_processes_equal_one(fake_fmnist, tmp_path):
     root, _ = fake_fmnist
     # 3 train shards + 2 val shards: the two ranks get different numbers of shards
-    prepare_dataset(PrepareConfig(root=str(root), train_limit=150, val_limit=60, shard_size=50, num_workers=0),
+    prepare_dataset(PrepareConfig(root=str(root), train_limit=150, val_limit=60, holdout_size=50, shard_size=50, num_workers=0),
                     tmp_path / "prepared")  # fmt: skip
     torch.manual_seed(3)
     save_backbone(build_vit(**TINY), tmp_path / "given.pth", dtype=torch.float32)

@@ -34,7 +34,7 @@ def make_teacher(path: Path, seed: int) -> Path:
 def stages(fake_fmnist, tmp_path):
     root, _ = fake_fmnist
     prepared = tmp_path / "prepared"
-    prepare_dataset(PrepareConfig(root=str(root), train_limit=60, val_limit=20, shard_size=25, num_workers=0), prepared)
+    prepare_dataset(PrepareConfig(root=str(root), train_limit=60, val_limit=20, holdout_size=50, shard_size=25, num_workers=0), prepared)
     teacher = make_teacher(tmp_path / "teacher", 0)
     extract_features(ExtractConfig(batch_size=8), prepared, teacher, tmp_path / "features")
     metrics = build_parts(PartsConfig(**PARTS), prepared, teacher, tmp_path / "features", tmp_path / "parts",

@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 def setup(fake_fmnist, tmp_path):
     root, _ = fake_fmnist
     prepared = tmp_path / "prepared"
-    prepare_dataset(PrepareConfig(root=str(root), train_limit=90, val_limit=30, shard_size=20, num_workers=0), prepared)
+    prepare_dataset(PrepareConfig(root=str(root), train_limit=90, val_limit=30, holdout_size=50, shard_size=20, num_workers=0), prepared)
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     torch.manual_seed(0)

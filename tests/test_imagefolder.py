@@ -16,7 +16,8 @@ from pipeline.data.sources import DataSourceError
 
 
 def cfg_for(root: Path, **kw) -> PrepareConfig:
-    base = dict(source="imagefolder", root=str(root), train_limit=None, val_limit=None, shard_size=8, num_workers=0)
+    base = dict(source="imagefolder", root=str(root), train_limit=None, val_limit=None, holdout_size=3, shard_size=8,
+                num_workers=0)  # fmt: skip
     return PrepareConfig(**{**base, **kw})
 
 
@@ -37,10 +38,11 @@ def test_val_folder_labels_passthrough_and_round_trip(folder, tmp_path):
     metrics = prepare_dataset(cfg_for(root, val_dir="val"), tmp_path / "out")
     index = read_index(tmp_path / "out")
     assert index["classes"] == ["cat", "dog", "zebra"]  # class index = sorted folder names
-    assert metrics["train"]["num_samples"] == 18 and metrics["val"]["num_samples"] == 5
+    assert metrics["train"]["num_samples"] == 15 and metrics["val"]["num_samples"] == 5
+    assert metrics["holdout"]["num_samples"] == 3 and index["splits"]["holdout"]["class_counts"] == [1, 1, 1]
     assert index["splits"]["val"]["class_counts"] == [3, 2, 0]
-    for split, files in (("train", train_files), ("val", val_files)):
-        got = samples(tmp_path / "out", split)
+    for splits, files in ((("train", "holdout"), train_files), (("val",), val_files)):  # the hold-out: from train_dir
+        got = [s for split in splits for s in samples(tmp_path / "out", split)]
         assert sorted(s["json"]["source"] for s in got) == sorted(files)
         for s in got:
             src = files[s["json"]["source"]]
@@ -62,9 +64,8 @@ def test_held_out_fraction_partitions_each_class_deterministically(folder, tmp_p
     root, train_files, _ = folder
     prepare_dataset(cfg_for(root, val_fraction=0.3), tmp_path / "a")
     prepare_dataset(cfg_for(root, val_fraction=0.3), tmp_path / "b")
-    train = {s["json"]["source"] for s in samples(tmp_path / "a", "train")}
-    val = {s["json"]["source"] for s in samples(tmp_path / "a", "val")}
-    assert train.isdisjoint(val) and train | val == set(train_files)
+    train, held, val = ({s["json"]["source"] for s in samples(tmp_path / "a", split)} for split in ("train", "holdout", "val"))
+    assert train.isdisjoint(val) and held.isdisjoint(train | val) and train | held | val == set(train_files)
     assert read_index(tmp_path / "a")["splits"]["val"]["class_counts"] == [2, 2, 2]  # round(0.3 * 6|5|7)
     assert (tmp_path / "a" / "val" / "val-000000.tar").read_bytes() == (tmp_path / "b" / "val" / "val-000000.tar").read_bytes()
 
@@ -123,9 +124,12 @@ def test_corrupt_image_fails_naming_the_file_and_keeps_previous_output(folder, t
 def test_skip_policy_counts_skipped_images_and_enforces_the_limit(folder, tmp_path):
     root, _, _ = folder
     (root / "train" / "cat" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    metrics = prepare_dataset(cfg_for(root, val_dir="val", on_corrupt="skip", max_skip_fraction=0.1), tmp_path / "a")
-    assert metrics["train"] == {"num_samples": 18, "num_shards": 3, "skipped": 1}
-    assert read_index(tmp_path / "a")["skipped"]["train"] == ["cat/garbage.png"]
-    with pytest.raises(DataSourceError, match=r"skipped 1 of 19 images, more than prepare.max_skip_fraction=0.01"):
+    metrics = prepare_dataset(cfg_for(root, val_dir="val", on_corrupt="skip", max_skip_fraction=0.5), tmp_path / "a")
+    skipped = read_index(tmp_path / "a")["skipped"]
+    [split] = [s for s in skipped if skipped[s]]  # train or holdout: wherever the seeded hold-out put it
+    assert skipped[split] == ["cat/garbage.png"] and metrics[split]["skipped"] == 1
+    assert metrics["train"]["num_samples"] + metrics["holdout"]["num_samples"] == 18
+    n = metrics[split]["num_samples"] + 1
+    with pytest.raises(DataSourceError, match=rf"{split}: skipped 1 of {n} images, more than prepare.max_skip_fraction=0.01"):
         prepare_dataset(cfg_for(root, val_dir="val", on_corrupt="skip", max_skip_fraction=0.01), tmp_path / "b")
     assert not (tmp_path / "b").exists()

@@ -118,7 +118,7 @@ def git(repo: Path, *args: str) -> None:
 def small_params(repo: Path, data_root: Path) -> None:
     """Seconds-scale parameters for every stage, on the test's own idx files."""
     p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["prepare"].update(root=str(data_root), train_limit=None, val_limit=None, shard_size=100)
+    p["prepare"].update(root=str(data_root), train_limit=None, val_limit=None, holdout_size=50, shard_size=100)
     p["parts"].update(epochs=1, batch_size=64)
     p["pretrain"]["common"].update(epochs=1, steps_per_epoch=3, batch_size=32, warmup_epochs=0.5, depth=2,
                                    num_figure_images=2)  # fmt: skip

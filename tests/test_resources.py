@@ -34,7 +34,7 @@ def test_prepare_checks_the_disk_before_writing_a_shard(fake_fmnist, tmp_path, m
     root, _ = fake_fmnist
     tiny_disk(monkeypatch, 1 << 20)  # 1 MiB free: not even the margin
     with pytest.raises(OutOfSpaceError, match="the prepared shards"):
-        prepare_dataset(PrepareConfig(root=str(root), train_limit=100, val_limit=20, num_workers=0), tmp_path / "out")
+        prepare_dataset(PrepareConfig(root=str(root), train_limit=100, val_limit=20, holdout_size=50, num_workers=0), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 

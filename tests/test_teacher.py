@@ -119,7 +119,7 @@ def test_teacher_config_rejects_inconsistent_grid():
 @pytest.fixture
 def prepared(fake_fmnist, tmp_path):
     root, _ = fake_fmnist
-    prepare_dataset(PrepareConfig(root=str(root), train_limit=100, val_limit=40, num_workers=0), tmp_path / "prepared")
+    prepare_dataset(PrepareConfig(root=str(root), train_limit=100, val_limit=40, holdout_size=50, num_workers=0), tmp_path / "prepared")
     return tmp_path / "prepared"
 
 
