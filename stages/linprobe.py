@@ -48,7 +48,7 @@ def main(
         resume.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is left to resume
     result = probe_pretrained(cfg, prepared, pretrained, out, _device(), curve_log, resume_dir=resume,
                               curve_rows=curve_log.rows if curve_log else None)  # fmt: skip
-    if result:  # rank 0 (under torchrun the other ranks only share the encoding)
+    if result:  # rank 0 writes (under torchrun the other ranks share the encoding, and in online mode the training)
         atomic_write_json(metrics, result)
         rows = chosen_curve(curve_log.rows, result["base_lr"])  # loss, train_top1, lr: the chosen head's
         if rows:

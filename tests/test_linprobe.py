@@ -1,4 +1,5 @@
-"""Linear probing: LARS, the head, cached vs online, the lr grid chosen on the hold-out split, resume."""
+"""Linear probing: LARS, the head, the lr grid chosen on the hold-out split, resume (online mode:
+test_linprobe_online.py)."""
 
 import json
 import math
@@ -53,24 +54,6 @@ def test_probe_reaches_95_percent_on_separable_features():
     assert metrics["base_lr"] == 4.0 and list(metrics["holdout_by_lr"]) == ["4.0"]
     assert metrics["holdout_top1"] == metrics["holdout_by_lr"]["4.0"] >= 0.95
     assert "top5" not in metrics  # fewer than 5 classes
-
-
-def test_cached_and_online_probes_agree_without_augmentation():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (300, 3, 8, 8), generator=g, dtype=torch.uint8)
-    labels = torch.arange(300) % 5
-    proj = torch.randn(192, 24, generator=g)
-
-    def encode(imgs):
-        return (imgs.float().flatten(1) / 255) @ proj
-
-    cfg = LinprobeConfig(epochs=4, warmup_epochs=1, batch_size=32, eval_batch_size=64)
-    cached = train_probe(encode(images), labels, 5, cfg, torch.device("cpu"))
-    online = train_probe(images, labels, 5, cfg.model_copy(update={"mode": "online"}), torch.device("cpu"), encode)
-    assert list(cached) == list(online) == cfg.base_lrs()
-    for lr in cached:
-        for (k, a), (_, b) in zip(cached[lr].state_dict().items(), online[lr].state_dict().items()):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"{lr} {k}")
 
 
 def test_each_head_of_a_grid_trains_as_it_would_alone():
@@ -257,38 +240,3 @@ def test_a_class_without_training_images_is_refused_before_any_encoding(tmp_path
     index["splits"]["train"]["class_counts"] = [5, 5, 0]  # a class with no images at all is harmless
     (tmp_path / "index.json").write_text(json.dumps(index))
     _check_class_counts(tmp_path)
-
-
-@pytest.mark.parametrize("augment", [False, True])
-def test_probe_images_are_squared_with_eval_crop_pct_on_every_split(tmp_path, monkeypatch, augment):
-    """Cached features and every evaluated split use eval_crop_pct; online training with augment reads the
-    whole image (its RandomResizedCrop does the cropping)."""
-    from pipeline.eval import probe_run
-
-    counts = {"class_counts": [2, 2]}
-    (tmp_path / "index.json").write_text(json.dumps({"format": "semmae-shards/1", "classes": ["a", "b"],
-                                                     "splits": {s: counts for s in ("train", "holdout", "val")}}))  # fmt: skip
-    calls = []
-
-    class Stop(Exception):
-        pass
-
-    def fake_encode_splits(prepared, img_size, encoders, batch_size, **kw):
-        calls.append(("all", kw["splits"], kw["crop_pct"]))
-        raise Stop
-
-    def fake_load_split(prepared, split, img_size, desc="", crop_pct=1.0):
-        calls.append((split, crop_pct))
-        return torch.zeros(2, 3, img_size, img_size, dtype=torch.uint8), torch.tensor([0, 1]), ["k0", "k1"]
-
-    monkeypatch.setattr(probe_run, "encode_splits", fake_encode_splits)
-    monkeypatch.setattr(probe_run, "load_split", fake_load_split)
-    monkeypatch.setattr(probe_run, "probe_features", lambda *a, **k: ({}, None))
-    cfg = LinprobeConfig(eval_crop_pct=0.875)
-    with pytest.raises(Stop):
-        probe_run._probe(cfg, tmp_path, 16, {"x": None}, torch.device("cpu"))
-    assert calls == [("all", ("train", "holdout", "val"), 0.875)]
-    calls.clear()
-    online = cfg.model_copy(update={"mode": "online", "augment": augment})
-    probe_run._probe(online, tmp_path, 16, {"x": None}, torch.device("cpu"))
-    assert calls == [("train", 1.0 if augment else 0.875), ("holdout", 0.875), ("val", 0.875)]

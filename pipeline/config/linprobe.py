@@ -16,9 +16,12 @@ class LinprobeConfig(StageConfig):
 
     mode: Literal["cached", "online"] = Field(
         "cached", description="cached: encode every image once, train the head on the stored features; "
-        "online: encode each batch (needed for augmentation)."
+        "online: stream the training images from the shards and encode each batch (needed for augmentation)."
     )  # fmt: skip
-    augment: bool = Field(False, description="online only: RandomResizedCrop + flip on the training images.")
+    augment: bool = Field(
+        False, description="online only: RandomResizedCrop (bicubic) + horizontal flip of the training images "
+        "(timm's transform, on the whole decoded image); off: the evaluation crop."
+    )  # fmt: skip
     crop_scale: list[float] = Field([0.08, 1.0], min_length=2, max_length=2, description="augment: crop area range.")
     epochs: int = Field(90, gt=0)
     warmup_epochs: float = Field(10, ge=0)
@@ -38,6 +41,8 @@ class LinprobeConfig(StageConfig):
     knn_k: int = Field(20, gt=0, description="k of the k-NN accuracy (cosine, weighted, on the same features).")
     eval_batch_size: int = Field(256, gt=0, description="Images per encoder forward pass.")
     seed: int = Field(0, ge=0, description="Head initialisation and batch order.")
+    num_workers: int = Field(0, ge=0, description="online: image loader worker processes per rank (0: in the rank).")
+    shuffle_buffer: int = Field(1000, gt=0, description="online: images each loader stream shuffles in (per stream).")
     pixel_size: Optional[int] = Field(
         None, gt=0, description="Side the raw-pixels reference is area-resized to before flattening; null = the "
         "encoder's img_size (ImageNet: 16 keeps it at 768 numbers per image)."

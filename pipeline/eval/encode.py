@@ -1,5 +1,5 @@
-"""Frozen encoders as functions ``uint8 images [B, 3, S, S] -> features [B, D]``, and one streamed
-pass of the prepared splits through several of them (the linear probe's and the teacher's k-NN)."""
+"""Frozen encoders (``uint8 images [B, 3, S, S] -> features [B, D]``, or from normalised float images),
+and one streamed pass of the prepared splits through several of them (the linear probe's and the teacher's k-NN)."""
 
 from __future__ import annotations
 
@@ -16,32 +16,47 @@ from pipeline import distributed as D
 from pipeline.data.images import normalize, to_square
 from pipeline.data.shards import decode_image, iter_samples, read_index, select_ordinals, shard_entries
 
-__all__ = ["vit_encoder", "pixel_encoder", "encode_splits"]
+__all__ = ["FrozenEncoder", "vit_encoder", "pixel_encoder", "encode_splits"]
 
 
-def vit_encoder(vit: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 images -> CLS token after the final norm of a frozen timm ViT (bf16 autocast on CUDA)."""
-    vit.eval().to(device)
+class FrozenEncoder:
+    """A frozen encoder: ``encoder(uint8 images)`` normalises the images itself (cached features, k-NN);
+    ``encoder.normalized(images)`` takes ImageNet-normalised float images, as the transforms of
+    :mod:`pipeline.data.labelled` give them (the online probe). Both return ``[B, D]`` fp32 features."""
+
+    def __init__(self, normalized: Callable[[torch.Tensor], torch.Tensor], device: Optional[torch.device] = None):
+        self._normalized, self.device = normalized, device
 
     @torch.no_grad()
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images.to(device).float() / 255)
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device) if self.device is not None else images
+        return self._normalized(normalize(x.float() / 255))
+
+    @torch.no_grad()
+    def normalized(self, images: torch.Tensor) -> torch.Tensor:
+        return self._normalized(images.to(self.device) if self.device is not None else images)
+
+
+def vit_encoder(vit: nn.Module, device: torch.device) -> FrozenEncoder:
+    """The CLS token after the final norm of a frozen timm ViT (bf16 autocast on CUDA)."""
+    vit.eval().to(device)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             return vit.forward_features(x)[:, 0].float()
 
-    return encode
+    return FrozenEncoder(encode, device)
 
 
-def pixel_encoder(size: Optional[int] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def pixel_encoder(size: Optional[int] = None) -> FrozenEncoder:
     """The raw-pixels reference: normalised pixels (area-resized to ``size`` first if given), flattened."""
 
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images.float() / 255)
+    def encode(x: torch.Tensor) -> torch.Tensor:
         if size is not None and size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="area")
         return x.flatten(1)
 
-    return encode
+    return FrozenEncoder(encode)
 
 
 @torch.no_grad()

@@ -15,11 +15,10 @@ import torch
 from pipeline import distributed as D
 from pipeline.config.base import resolved_config
 from pipeline.config.linprobe import LinprobeConfig
-from pipeline.data.images import load_split
-from pipeline.data.shards import read_index
+from pipeline.data.shards import read_index, shard_entries
 from pipeline.errors import PipelineError
 from pipeline.eval.encode import encode_splits, pixel_encoder, vit_encoder
-from pipeline.eval.linprobe import PROBE_SPLITS, probe_cached, probe_features
+from pipeline.eval.linprobe import PROBE_SPLITS, online_batch, probe_cached, probe_online
 from pipeline.io import atomic_output_dir, file_sha256
 from pipeline.models.checkpoint import build_vit, load_backbone
 from pipeline.resume import ResumeStore, fingerprint
@@ -80,33 +79,35 @@ def _check_class_counts(prepared: Path) -> None:
 def _probe(cfg: LinprobeConfig, prepared: Path, img_size: int, encoders: dict, device: torch.device,
            log_row: Optional[Callable[[int, dict], None]] = None, desc: str = "linprobe", store=None,
            curve_rows: Optional[list] = None) -> tuple[dict, dict]:  # fmt: skip
-    """``{encoder name: (metrics, head)}``. Cached mode streams the splits once through every encoder
-    (images never all in memory); online mode holds the three splits in memory (small datasets). Images are
-    squared with ``cfg.eval_crop_pct``, but for online training with ``augment`` (RandomResizedCrop then
-    sees the whole image)."""
+    """``{encoder name: (metrics, head)}`` on rank 0 (``{}`` on the others). The splits are streamed, never
+    held in memory: cached mode encodes them once through every encoder (squared with ``cfg.eval_crop_pct``)
+    and rank 0 trains the heads on the features; online mode streams the training images every epoch
+    (every rank its share of each batch) and scores the heads on the streamed hold-out and validation
+    images (evaluation crop of ``eval_crop_pct``), the k-NN on features encoded once as in cached mode."""
     results = {}
     _check_class_counts(prepared)
-    if cfg.mode == "cached":
-        feats, labels = encode_splits(prepared, img_size, encoders, cfg.eval_batch_size, desc=f"{desc}: encode",
-                                      splits=PROBE_SPLITS, crop_pct=cfg.eval_crop_pct)  # fmt: skip
-        if not D.is_main():  # under torchrun the ranks share the encoding; rank 0 trains the (cheap) heads
-            return {}, {}
-        classes = _classes(prepared, labels)
-        for name, f in feats.items():
-            results[name] = probe_cached(f, labels, classes, cfg, device, log_row, desc=f"{desc} {name}".strip(),
-                                         store=store, curve_rows=curve_rows)  # fmt: skip
-        return results, {"num_classes": classes}
-    if D.world_size() > 1:
-        raise ProbeError("linprobe mode: online runs in one process (it holds the splits in memory): run it without "
-                         "torchrun, or use mode: cached")  # fmt: skip
-    splits = {}
-    for split in PROBE_SPLITS:
-        crop_pct = 1.0 if split == "train" and cfg.augment else cfg.eval_crop_pct
-        splits[split] = load_split(prepared, split, img_size, desc=f"load {split}", crop_pct=crop_pct)[:2]
-    classes = _classes(prepared, {s: y for s, (_, y) in splits.items()})
-    for name, encode in encoders.items():
-        results[name] = probe_features(encode, splits, classes, cfg, device, log_row, store=store,
-                                       curve_rows=curve_rows, desc=f"{desc} {name}".strip())  # fmt: skip
+    if cfg.mode == "online":  # before any encoding: the global batch must split over the ranks
+        n_train = sum(e.num_samples for e in shard_entries(prepared, "train"))
+        try:
+            online_batch(cfg, n_train, D.world_size())
+        except ValueError as exc:
+            raise ProbeError(f"{prepared}: {exc}") from None
+    feats, labels = encode_splits(prepared, img_size, encoders, cfg.eval_batch_size, desc=f"{desc}: encode",
+                                  splits=PROBE_SPLITS, crop_pct=cfg.eval_crop_pct)  # fmt: skip
+    classes = _classes(prepared, labels)
+    if cfg.mode == "online":
+        splits = {}
+        for split in PROBE_SPLITS:
+            entries = shard_entries(prepared, split)
+            splits[split] = ([e.path for e in entries], [e.num_samples for e in entries])
+        results = probe_online(encoders, splits, img_size, feats, labels, classes, cfg, device, log_row,
+                               desc=desc.strip() or "linprobe", store=store, curve_rows=curve_rows)  # fmt: skip
+        return (results, {"num_classes": classes}) if D.is_main() else ({}, {})
+    if not D.is_main():  # under torchrun the ranks share the encoding; rank 0 trains the (cheap) heads
+        return {}, {}
+    for name, f in feats.items():
+        results[name] = probe_cached(f, labels, classes, cfg, device, log_row, desc=f"{desc} {name}".strip(),
+                                     store=store, curve_rows=curve_rows)  # fmt: skip
     return results, {"num_classes": classes}
 
 
@@ -123,13 +124,13 @@ def probe_pretrained(cfg: LinprobeConfig, prepared: str | Path, pretrain_dir: st
     vit, meta = load_encoder(pretrain_dir)
     D.init_distributed()
     store = None
-    if resume_dir is not None:  # a killed probe continues its head training from the last epoch
+    if resume_dir is not None:  # a killed probe continues its head training from the last epoch (rank 0 saves)
         code = [p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))]
         store = ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "linprobe"), (Path(pretrain_dir) / "meta.json").read_bytes(),
                                                     file_sha256(Path(pretrain_dir) / "encoder.pth"),
                                                     (Path(prepared) / "index.json").read_bytes(), *code))  # fmt: skip
     results, info = _probe(cfg, Path(prepared), meta["img_size"], {"": vit_encoder(vit, device)}, device, log_row,
-                           store=store if D.is_main() else None, curve_rows=curve_rows,
+                           store=store, curve_rows=curve_rows,
                            desc=f"linprobe {meta.get('masking', '')}")  # fmt: skip
     if not D.is_main():
         return {}
