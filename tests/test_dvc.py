@@ -68,6 +68,7 @@ def shorten_pretrain(repo: Path, train_limit: int = 5000, **overrides) -> None:
     params["prepare"]["train_limit"] = train_limit
     params["pretrain"]["common"].update({"epochs": 1, "steps_per_epoch": 3, "warmup_epochs": 0.5, **overrides})
     params["linprobe"].update({"epochs": 2, "warmup_epochs": 1})
+    params["finetune"].update({"epochs": 1, "steps_per_epoch": 2, "warmup_epochs": 0.5})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -77,7 +78,8 @@ def test_dvc_repro_default_dag_runs_once_with_a_teacher_that_beats_random(tmp_pa
     out = run(["dvc", "repro"], repo)
     for stage in ("prepare", "teacher", "extract", "train_parts", "export_parts", "pretrain@semantic-0",
                   "pretrain@random-0", "pretrain_figures@semantic-0", "pretrain_figures@random-0", "linprobe@semantic-0",
-                  "linprobe@random-0", "linprobe_reference", "report"):  # fmt: skip
+                  "linprobe@random-0", "linprobe_reference", "finetune@semantic-0", "finetune@random-0",
+                  "finetune_scratch@0", "report"):  # fmt: skip
         assert f"Running stage '{stage}'" in out
     teacher = json.loads((repo / "metrics" / "teacher.json").read_text())
     assert teacher["init"] == "checkpoint"
@@ -98,7 +100,11 @@ def test_dvc_repro_default_dag_runs_once_with_a_teacher_that_beats_random(tmp_pa
     assert all(0 <= p["top1"] <= 1 and 0 <= p["knn_top1"] <= 1 for p in (probes["semantic-0"], probes["random-0"]))
     assert probes["reference"]["raw_pixels"]["knn_top1"] > 0.6  # Fashion-MNIST pixels: ~78% k-NN
     report = (repo / "reports" / "linprobe.md").read_text()
-    assert "| SemMAE (semantic masking) |" in report and "| raw pixels |" in report and "not evidence either way" in report
+    assert "| SemMAE (semantic masking) |" in report and "| raw pixels |" in report and "one seed: no verdict" in report
+    assert "| from scratch (fine-tuning, no pretraining) |" in report
+    for name in ("semantic-0", "random-0", "scratch-0"):
+        tuned = json.loads((repo / "metrics" / "finetune" / f"{name}.json").read_text())
+        assert tuned["steps"] == 2 and {"top1", "holdout_top1"} <= set(tuned)
     plots_and_metrics_read_clean(repo)
     again = run(["dvc", "repro"], repo)
     assert "Running stage" not in again
@@ -117,12 +123,14 @@ def test_dvc_repro_default_dag_runs_once_with_a_teacher_that_beats_random(tmp_pa
 EXPECTED_EXPERIMENTS = {
     "linprobe.knn_k=10": ["linprobe@random-0", "linprobe@semantic-0", "linprobe_reference", "report"],
     "++pretrain.variants.semantic.gamma=3": ["pretrain@semantic-0", "report"],
-    "pretrain.common.mask_ratio=0.6": ["linprobe_reference", "pretrain@random-0", "pretrain@semantic-0", "report"],
+    "pretrain.common.mask_ratio=0.6": ["pretrain@random-0", "pretrain@semantic-0", "report"],
     "++pretrain.variants.random.hflip=0.0": ["pretrain@random-0", "report"],
-    "pretrain.seeds=[0,1,2]": sorted(f"{stage}@{v}-{s}" for stage in ("linprobe", "pretrain", "pretrain_figures")
-                                     for v in ("random", "semantic") for s in (1, 2)) + ["report"],  # fmt: skip
+    "pretrain.seeds=[0,1,2]": sorted([f"{stage}@{v}-{s}" for stage in ("finetune", "linprobe", "pretrain", "pretrain_figures")
+                                      for v in ("random", "semantic") for s in (1, 2)]
+                                     + ["finetune_scratch@1", "finetune_scratch@2", "report"]),  # fmt: skip
     "++pretrain.variants.random90={masking:random,mask_ratio:0.9}": [
-        "linprobe@random90-0", "pretrain@random90-0", "pretrain_figures@random90-0", "report"],
+        "finetune@random90-0", "linprobe@random90-0", "pretrain@random90-0", "pretrain_figures@random90-0", "report"],
+    "finetune.base_lr=2e-3": ["finetune@random-0", "finetune@semantic-0", "finetune_scratch@0", "report"],
     "parts.method=kmeans": ["train_parts"],
     "teacher.init=train": ["teacher"],
 }

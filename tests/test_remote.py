@@ -123,6 +123,7 @@ def small_params(repo: Path, data_root: Path) -> None:
     p["pretrain"]["common"].update(epochs=1, steps_per_epoch=3, batch_size=32, warmup_epochs=0.5, depth=2,
                                    num_figure_images=2)  # fmt: skip
     p["linprobe"].update(epochs=2, warmup_epochs=1, batch_size=64)
+    p["finetune"].update(epochs=1, steps_per_epoch=2, batch_size=32, warmup_epochs=0.5)
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
@@ -144,7 +145,7 @@ def data_digest(repo: Path) -> dict[str, str]:
             for p in sorted((repo / "data").rglob("*")) if p.is_file()}  # fmt: skip
 
 
-RANDOM_RUN = ["linprobe@random-0", "pretrain@random-0", "pretrain_figures@random-0", "report"]
+RANDOM_RUN = ["finetune@random-0", "linprobe@random-0", "pretrain@random-0", "pretrain_figures@random-0", "report"]
 FOR_GIT = ("metrics/report.json", "reports/linprobe.csv", "reports/curves/pretrain.tsv", "reports/curves/linprobe.tsv")
 
 

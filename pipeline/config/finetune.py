@@ -23,6 +23,7 @@ class FinetuneConfig(StageConfig):
     warmup_epochs: float = Field(5.0, ge=0)
     batch_size: int = Field(1024, gt=0, description="Global batch: over all ranks and accumulation steps.")
     accum_steps: int = Field(1, gt=0, description="Gradient accumulation: micro-batch = batch_size / (ranks * accum_steps).")
+    steps_per_epoch: Optional[int] = Field(None, gt=0, description="Optimiser steps per epoch; null = train images // batch_size.")
     base_lr: float = Field(5e-4, gt=0, description="Peak lr = base_lr * batch_size / 256. Choose it on the hold-out "
                            "(metric holdout_top1), never on the reported top1.")  # fmt: skip
     min_lr: float = Field(1e-6, ge=0, description="End of the per-iteration half-cycle cosine.")

@@ -145,7 +145,7 @@ def _set_up(cfg: FinetuneConfig, shape: dict, prepared: Path, encoder: Optional[
     if cfg.mixing and micro % 2:
         raise FinetuneError(f"finetune: mixup/cutmix pair the images of a micro-batch, which has {micro} (batch_size "
                             f"{cfg.batch_size} / ({world} rank(s) x accum_steps {cfg.accum_steps})): make it even")  # fmt: skip
-    steps_per_epoch = n_train // cfg.batch_size
+    steps_per_epoch = cfg.steps_per_epoch or n_train // cfg.batch_size
     if steps_per_epoch == 0:
         raise FinetuneError(f"finetune batch_size={cfg.batch_size} exceeds the {n_train} training images: lower it")
     autocast = device.type == "cuda" if cfg.precision == "auto" else cfg.precision == "bf16"
