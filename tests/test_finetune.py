@@ -171,3 +171,31 @@ def test_whole_file_check_covers_the_finetune_section(tmp_path):
     assert any("'finetune.batch_size' = 501 exceeds the 500 train images" in e for e in check_params(path).errors)
     write_params(path, finetune={"mixup": -1.0})
     assert any("finetune.mixup" in e for e in check_params(path).errors)
+
+
+def test_two_torchrun_processes_share_the_batch_and_the_evaluation(prepared, tmp_path):
+    """Under torchrun each rank trains on its half of the global batch (DDP averages the gradients) and
+    evaluates its share of the shards; the counts summed over the ranks give one process's accuracy
+    (with a vanishing lr the two runs hold the same model, so their metrics must agree exactly)."""
+    import os
+    import subprocess
+    import sys
+
+    enc = fake_pretrain(tmp_path / "pre")
+    binary = Path(sys.executable).parent
+    results = []
+    for procs in (1, 2):
+        name = f"p{procs}"
+        params = write_params(tmp_path / f"{name}.yaml", finetune={**FAST, "epochs": 1, "steps_per_epoch": 1,
+                                                                   "base_lr": 1e-12, "warmup_epochs": 0.0})  # fmt: skip
+        cmd = ["semmae", "finetune", "--params", str(params), "--prepared", str(prepared), "--pretrained", str(enc),
+               "--out", f"{name}/out", "--metrics", f"{name}/m.json", "--curves", f"{name}/c.tsv"]  # fmt: skip
+        if procs > 1:
+            cmd = [str(binary / "torchrun"), "--standalone", f"--nproc_per_node={procs}", "--no-python", *cmd]
+        env = {**os.environ, "PATH": f"{binary}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        results.append(json.loads((tmp_path / name / "m.json").read_text()))
+    keys = ("top1", "top5", "holdout_top1", "holdout_top5")
+    assert [results[0][k] for k in keys] == [results[1][k] for k in keys]
+    assert results[1]["steps"] == 1 and 0 < results[1]["top1"] < 1

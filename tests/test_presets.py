@@ -285,3 +285,24 @@ def test_fmnist_full_preset_has_three_seeds_per_variant_on_all_images(tmp_path, 
     run = report.runs["semantic-0"]
     assert prep.holdout_size == 5000  # 500 per class, never trained on
     assert run.loader_streams is not None and (60_000 - prep.holdout_size) // prep.shard_size >= run.loader_streams
+
+
+def flat(tree, prefix="") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out |= flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_the_study_preset_is_the_default_with_more_seeds_and_longer_training():
+    """The study shares every stage upstream of pretraining with the embedded default (restored from a shared
+    DVC cache, not rerun): only the declared keys may differ, and it has >= 3 seeds per variant."""
+    default = flat(yaml.safe_load((REPO / "params.yaml").read_text()))
+    study = flat(yaml.safe_load((REPO / "configs" / "fmnist-study.yaml").read_text()))
+    changed = {k for k in default if default[k] != study[k]}
+    assert changed == {"pretrain.seeds", "pretrain.common.epochs", "finetune.epochs", "finetune.warmup_epochs"}
+    assert len(study["pretrain.seeds"]) >= 3 and {"semantic", "random"} <= set(
+        yaml.safe_load((REPO / "configs" / "fmnist-study.yaml").read_text())["pretrain"]["variants"])

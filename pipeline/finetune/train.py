@@ -197,12 +197,14 @@ def finetune(cfg: FinetuneConfig, shape: dict, prepared: str | Path, out_dir: st
     bar = tqdm(total=total, initial=start_epoch * run.steps_per_epoch, desc=f"finetune seed {run_seed}", unit="step",
                disable=not D.is_main(), mininterval=1.0)  # fmt: skip
     has_holdout = "holdout" in read_index(prepared)["splits"]
+    holdout: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         rows = _train_epoch(run, net, epoch, bar)
         last = epoch + 1 == cfg.epochs
         if has_holdout and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            rows[-1]["holdout_top1"] = evaluate(run.model, prepared, "holdout", run.img_size, cfg.eval_crop_pct,
-                                                run.device, run.autocast, "finetune: holdout")["top1"]  # fmt: skip
+            holdout = evaluate(run.model, prepared, "holdout", run.img_size, cfg.eval_crop_pct, run.device,
+                               run.autocast, "finetune: holdout")  # fmt: skip
+            rows[-1]["holdout_top1"] = holdout["top1"]
         if log_row is not None and D.is_main():
             for row in rows:
                 log_row(row.pop("step"), row)
@@ -212,8 +214,9 @@ def finetune(cfg: FinetuneConfig, shape: dict, prepared: str | Path, out_dir: st
         D.barrier()
     bar.close()
 
-    result = {f"holdout_{k}": v for k, v in evaluate(run.model, prepared, "holdout", run.img_size, cfg.eval_crop_pct,
-                                                      run.device, run.autocast).items()} if has_holdout else {}  # fmt: skip
+    if has_holdout and not holdout:  # resumed from the final epoch's state: not evaluated in this process
+        holdout = evaluate(run.model, prepared, "holdout", run.img_size, cfg.eval_crop_pct, run.device, run.autocast)
+    result = {f"holdout_{k}": v for k, v in holdout.items()}
     result |= evaluate(run.model, prepared, "val", run.img_size, cfg.eval_crop_pct, run.device, run.autocast)
     result |= {"epochs": cfg.epochs, "steps": total, "base_lr": cfg.base_lr, "resumed_from_epoch": start_epoch,
                "pretrained": encoder is not None, "seed": run_seed}  # fmt: skip
