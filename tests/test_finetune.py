@@ -84,16 +84,17 @@ def _name(model, param) -> str:
     return next(n for n, p in model.named_parameters() if p is param)
 
 
-def test_variants_of_one_seed_share_head_init_and_batches(prepared):
-    """Pairing: two encoders fine-tuned with one seed get the same head initialisation and the same
-    augmented batches; another seed differs."""
+def test_variants_of_one_seed_share_head_init_and_batches(prepared, tmp_path):
+    """Pairing: a pretrained encoder and the from-scratch model fine-tuned with one seed get the same head
+    initialisation and the same augmented batches; another seed differs."""
     from pipeline.finetune import train as T
     from pipeline.data.labelled import mix_seed, train_loader, train_transform
 
     cfg = FinetuneConfig(**FAST)
+    enc = fake_pretrain(tmp_path / "pre") / "encoder.pth"
     heads, batches = [], []
-    for seed in (0, 0, 1):
-        run = T._set_up(cfg, SHAPE, prepared, None, seed, None, "")
+    for encoder, seed in ((enc, 0), (None, 0), (enc, 1)):
+        run = T._set_up(cfg, SHAPE, prepared, encoder, seed, None, "")
         heads.append(run.model.head.weight.detach().clone())
         augment = train_transform(16, cfg.crop_scale, cfg.hflip, cfg.auto_augment, cfg.random_erasing)
         loader = train_loader(run.shards, run.counts, augment, mix_seed(cfg.seed, seed), 0, 0, 1, cfg.shuffle_buffer,
