@@ -26,7 +26,10 @@ def _run(cfg: FinetuneConfig, shape: dict, prepared: Path, out: Path, seed: int,
     from pipeline.io import file_sha256
     from pipeline.resume import fingerprint
 
-    code = [p.read_bytes() for p in sorted(Path(train.__file__).parent.glob("*.py"))]
+    from pipeline.data import labelled
+
+    # the code that decides the weights: a resumed state from other code is not resumed
+    code = [p.read_bytes() for p in (*sorted(Path(train.__file__).parent.glob("*.py")), Path(labelled.__file__))]
     fp = fingerprint(resolved_config(cfg, "finetune"), identity, file_sha256(prepared / "index.json"), *code)
     main = int(os.environ.get("RANK", "0")) == 0
     curve_log = CurveLog(curves) if main else None
