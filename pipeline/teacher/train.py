@@ -47,7 +47,8 @@ def train_ibot(
 ) -> tuple[VisionTransformer, dict]:
     """Train ``backbone`` with the iBOT objective; returns the EMA teacher's backbone and final stats.
 
-    ``log_step(step, stats)`` is called once per epoch with the epoch's mean stats. ``max_steps``
+    ``log_step(step, stats)`` is called once per epoch with the epoch's mean stats; the final stats add
+    ``max_entropy`` and ``resumed_from_epoch`` (the epochs taken from ``store``, 0 for a fresh run). ``max_steps``
     stops early (tests); the schedules still span ``cfg.epochs``. ``store``: resume from / save to it at
     epoch ends; ``curve_rows``: the list ``log_step`` accumulates into, saved and restored with it.
     """
@@ -153,4 +154,5 @@ def train_ibot(
             break
     bar.close()
     stats["max_entropy"] = math.log(cfg.out_dim)
+    stats["resumed_from_epoch"] = start_epoch  # > 0: this run continued a killed one (less work than a fresh run)
     return teacher.backbone.eval(), stats
