@@ -261,13 +261,15 @@ def read_npy_uint8(data: bytes) -> np.ndarray:
     (other dtypes, Fortran order, object arrays) with a ValueError; nothing is parsed as Python."""
     if data[:6] != b"\x93NUMPY" or len(data) < 10:
         raise ValueError("not a .npy file")
-    start = 10 if data[6] == 1 else 12  # format 1.0: 2-byte header length; 2.0 and 3.0: 4 bytes
     if data[6] not in (1, 2, 3):
         raise ValueError(f"unknown .npy format version {data[6]}")
+    start = 10 if data[6] == 1 else 12  # format 1.0: 2-byte header length; 2.0 and 3.0: 4 bytes
     end = start + int.from_bytes(data[8:start], "little")
+    if end > len(data):
+        raise ValueError(f"truncated: the header runs to byte {end} of {len(data)}")
     match = _NPY_UINT8_HEADER.fullmatch(data[start:end])
     if match is None:
-        raise ValueError(f"header {data[start:end].strip()!r} is not that of a 1-D or 2-D C-order uint8 array")
+        raise ValueError(f"header {data[start:end].strip()[:200]!r} is not that of a 1-D or 2-D C-order uint8 array")
     shape = tuple(int(g) for g in match.groups() if g is not None)
     if len(data) - end != math.prod(shape):
         raise ValueError(f"{len(data) - end} data bytes for shape {shape}")
