@@ -133,3 +133,59 @@ def test_skip_policy_counts_skipped_images_and_enforces_the_limit(folder, tmp_pa
     with pytest.raises(DataSourceError, match=rf"{split}: skipped 1 of {n} images, more than prepare.max_skip_fraction=0.01"):
         prepare_dataset(cfg_for(root, val_dir="val", on_corrupt="skip", max_skip_fraction=0.01), tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def png_16bit(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG of ``pixels`` (uint16 [H, W] gray or [H, W, 3] RGB), written chunk by chunk: Pillow
+    cannot write 16-bit RGB."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16bit_pngs_keep_their_high_byte(tmp_path):
+    """A 16-bit grayscale PNG (10-bit data, 0..65472, as a scientific camera writes it) must not come out
+    all white: every stored pixel is value >> 8, as Pillow reads 16-bit RGB PNGs (checked too)."""
+    rng = np.random.default_rng(0)
+    sources = {}
+    for c in ("a", "b"):
+        (tmp_path / "16" / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            gray = (rng.integers(0, 1024, (20 + i, 30), dtype=np.uint16) << 6)  # 0..65472
+            Image.fromarray(gray).save(tmp_path / "16" / "train" / c / f"g{i}.png")  # Pillow's own 16-bit writer
+            rgb = rng.integers(0, 65536, (24, 18 + i, 3), dtype=np.uint16)
+            png_16bit(tmp_path / "16" / "train" / c / f"rgb{i}.png", rgb)
+            sources |= {f"{c}/g{i}.png": gray, f"{c}/rgb{i}.png": rgb}
+    with Image.open(tmp_path / "16" / "train" / "a" / "g0.png") as im:
+        assert im.mode.startswith("I") and np.asarray(im).max() > 255  # really 16 bits on disk
+    metrics = prepare_dataset(cfg_for(tmp_path / "16", holdout_size=2), tmp_path / "out")
+    got = [s for split in ("train", "holdout", "val") for s in samples(tmp_path / "out", split)]
+    assert len(got) == len(sources) == sum(metrics[split]["num_samples"] for split in ("train", "holdout", "val"))
+    for s in got:
+        want = (sources[s["json"]["source"]] >> 8).astype(np.uint8)
+        stored = decode_image(s["image"], mode="")
+        assert s["ext"] == "png" and stored.mode == ("L" if want.ndim == 2 else "RGB")
+        np.testing.assert_array_equal(np.asarray(stored), want)
+
+
+@pytest.mark.parametrize("pixels, kind", [(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), "floating-point"),
+                                          (np.arange(64, dtype=np.int32).reshape(8, 8) * 1000, "32-bit integer")])
+def test_float_and_32bit_images_are_refused_naming_them(tmp_path, pixels, kind):
+    """No 8-bit meaning is known for them (Pillow's convert would clip them at 255, silently)."""
+    from pipeline.data.prepare import _encoded
+    from pipeline.data.sources import Record
+
+    rec = Record(key="train_00000000", label=0, source_id="scans.idx#0", pixels=pixels)
+    with pytest.raises(DataSourceError, match=rf"scans\.idx#0: cannot decode image \({kind} pixels \(Pillow mode "
+                                              r"[IF]\) of unknown range: store the image as 8- or 16-bit PNG"):  # fmt: skip
+        list(_encoded([rec], cfg_for(tmp_path), "train", []))
+    skipped: list[str] = []
+    assert list(_encoded([rec], cfg_for(tmp_path, on_corrupt="skip"), "train", skipped)) == [] and skipped == ["scans.idx#0"]

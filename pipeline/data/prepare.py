@@ -90,12 +90,19 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _is_16bit_gray(img: Image.Image, fmt: Optional[str]) -> bool:
+    """16-bit grayscale: Pillow's ``I;16*`` modes, or ``I`` read from a PNG (older Pillow; PNG samples are at
+    most 16 bits)."""
+    return img.mode.startswith("I;16") or (img.mode == "I" and fmt == "PNG")
+
+
 def encode_record(rec: Record, resize: Optional[int], jpeg_quality: int) -> tuple[Optional[dict], Optional[str]]:
-    """Encode one record into a WebDataset sample, or return ``(None, reason)`` if it cannot be read.
+    """Encode one record into a WebDataset sample, or return ``(None, reason)`` if it cannot be read or its
+    pixels have no known 8-bit meaning (32-bit integer or float images).
 
     Decoded arrays become lossless PNG. JPEG files are passed through byte for byte unless a resize
     shrinks them (shorter side above ``resize``: then re-encoded as JPEG); other files are decoded and
-    stored as PNG.
+    stored as PNG, 8 bits per channel (16-bit images keep their high byte).
     """
     try:
         if rec.pixels is not None:
@@ -113,6 +120,13 @@ def encode_record(rec: Record, resize: Optional[int], jpeg_quality: int) -> tupl
     if fmt == "JPEG" and resize is None:
         ext, data = "jpg", raw
     else:
+        if _is_16bit_gray(img, fmt):
+            # Pillow's convert() clips 16-bit values at 255; keep the high byte (value >> 8), as Pillow itself
+            # reads 16-bit RGB(A) PNGs
+            img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))  # 2-D uint8: mode L
+        elif img.mode in ("I", "F") or img.mode.startswith("I;"):
+            return None, (f"{'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels (Pillow mode "
+                          f"{img.mode}) of unknown range: store the image as 8- or 16-bit PNG or JPEG")  # fmt: skip
         if img.mode not in ("L", "RGB"):
             img = img.convert("RGB")
         if resize is not None:
