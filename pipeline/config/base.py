@@ -8,6 +8,7 @@ raises :class:`ConfigError` with a message that names the key, the value and wha
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import PipelineError
 
-__all__ = ["ConfigError", "StageConfig", "load_stage_config", "resolved_config", "ordered_pair", "format_error", "read_section"]
+__all__ = ["ConfigError", "StageConfig", "load_stage_config", "resolved_config", "ordered_pair", "format_error",
+           "read_params", "read_section", "SECTIONS"]
+
+# The top-level sections of a parameter file: one per stage config (``finetune`` also serves finetune_scratch,
+# ``linprobe`` linprobe_reference); dvc.yaml's ${...} and params: entries only name keys inside them.
+SECTIONS = ("prepare", "teacher", "extract", "parts", "export_parts", "pretrain", "linprobe", "finetune")
+
+log = logging.getLogger("semmae.config")
 
 
 class ConfigError(PipelineError, ValueError):
@@ -51,15 +59,53 @@ def format_error(path: Path, section: str, model: type[StageConfig], err: dict[s
     return f"{path}: section '{section}' is invalid: {msg}"
 
 
-def read_section(path: Path, section: str) -> dict:
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of the YAML file gives one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML would keep the last value
+    silently, while DVC (ruamel.yaml) refuses the file, so the two would read different parameters."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:  # before merge keys (<<) are flattened in: overriding a merged key is fine
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class names it
+                continue
+            if first is not None:
+                raise DuplicateKeyError(f"key {key!r} is given twice in one mapping, at lines {first} and {line}: "
+                                        "DVC refuses such a file (PyYAML would keep the last); keep one")  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params(path: Path) -> dict:
+    """The whole parameter file: a mapping of known stage sections (:data:`SECTIONS`), no key given twice."""
     if not path.is_file():
         raise ConfigError(f"parameter file {path} not found: run from the repository root or pass --params")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
+    unknown = sorted(str(k) for k in params if k not in SECTIONS)
+    if unknown:  # a misspelt section would otherwise leave its stage on the defaults without a word
+        raise ConfigError(f"{path}: unknown section '{unknown[0]}' at the top level; the sections are: {', '.join(SECTIONS)}")
+    return params
+
+
+def read_section(path: Path, section: str) -> dict:
+    params = read_params(path)
+    if section not in params:  # allowed (tests and small files rely on it), but said: it may be a forgotten section
+        log.warning("%s: no '%s' section: every %s key takes its default", path, section, section)
     data = params.get(section, {})
     if data is None:
         data = {}
