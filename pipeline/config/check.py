@@ -13,15 +13,13 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from pipeline.config.base import ConfigError, load_stage_config
+from pipeline.config.base import ConfigError, load_stage_config, read_params
 from pipeline.config.extract import ExtractConfig
 from pipeline.config.finetune import FinetuneConfig
 from pipeline.config.linprobe import LinprobeConfig
 from pipeline.config.parts import ExportPartsConfig, PartsConfig
 from pipeline.config.prepare import PrepareConfig
-from pipeline.config.pretrain import PretrainConfig, load_pretrain_config
+from pipeline.config.pretrain import PretrainConfig, load_pretrain_config, valid_seeds
 from pipeline.config.teacher import TeacherConfig
 
 __all__ = ["check_params", "ParamsReport", "FASHION_MNIST_TRAIN"]
@@ -29,6 +27,8 @@ __all__ = ["check_params", "ParamsReport", "FASHION_MNIST_TRAIN"]
 FASHION_MNIST_TRAIN = 60_000
 SECTIONS = {"prepare": PrepareConfig, "teacher": TeacherConfig, "extract": ExtractConfig, "parts": PartsConfig,
             "export_parts": ExportPartsConfig, "linprobe": LinprobeConfig, "finetune": FinetuneConfig}  # fmt: skip
+# the extract splits downstream stages read: train_parts trains on train's features and measures on val's
+EXTRACT_SPLITS_NEEDED = ("train", "val")
 
 
 class ParamsReport:
@@ -43,6 +43,13 @@ class ParamsReport:
 
     def error(self, msg: str) -> None:
         self.errors.append(f"{self.path}: {msg}")
+
+    def add(self, exc: ConfigError) -> None:
+        """The lines of ``exc`` not reported yet (every pretrain run repeats the errors of pretrain.common)."""
+        seen = {line for e in self.errors for line in e.splitlines()}
+        lines = [line for line in str(exc).splitlines() if line not in seen]
+        if lines:
+            self.errors.append("\n".join(lines))
 
     def warn(self, msg: str) -> None:
         self.warnings.append(f"{self.path}: {msg}")
@@ -86,28 +93,60 @@ def check_params(params_path: str | Path) -> ParamsReport:
     """
     path = Path(params_path)
     rep = ParamsReport(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: not found or not a mapping of stage sections")
+    raw = read_params(path)
     for name, model in SECTIONS.items():
         if name in raw:
             try:
                 rep.configs[name] = load_stage_config(model, path, name)
             except ConfigError as exc:
-                rep.errors.append(str(exc))
+                rep.add(exc)
     if "pretrain" in raw:
-        try:
-            section = raw["pretrain"] or {}
-            for variant in section.get("variants") or {}:
-                for seed in section.get("seeds", [0]):
-                    rep.runs[f"{variant}-{seed}"] = load_pretrain_config(path, variant, seed)
-        except ConfigError as exc:
-            rep.errors.append(str(exc))
+        _check_pretrain(rep, raw["pretrain"])
     _cross_checks(rep)
     return rep
+
+
+def _check_pretrain(rep: ParamsReport, section: Any) -> None:
+    """Every run variant x seed, and ``pretrain.common`` alone (the shape of the random-encoder and from-scratch
+    references) and each variant even when there is no run to load (``seeds: []``, ``variants: {}``)."""
+    section = section if isinstance(section, dict) else {}
+    variants = section.get("variants")
+    names = list(variants) if isinstance(variants, dict) else []
+    seeds = section.get("seeds", [0])
+    ok = valid_seeds(seeds)
+    for variant in [None, *names]:
+        for seed in seeds if ok and variant is not None else [0]:
+            try:
+                cfg = load_pretrain_config(rep.path, variant, seed)
+            except ConfigError as exc:
+                rep.add(exc)
+                break  # the other seeds of this variant would repeat its error
+            if variant is not None:
+                rep.runs[f"{variant}-{seed}"] = cfg
+
+
+def _teacher_grid(rep: ParamsReport, teacher: TeacherConfig) -> Optional[int]:
+    """Side of the teacher's patch grid. ``teacher.patch_size: null`` keeps the arch's patch size: the ViT the
+    teacher stage builds is built here on the meta device (no weights) to read it; None if it cannot be built."""
+    if teacher.patch_size is not None:
+        return teacher.img_size // teacher.patch_size
+    import torch
+
+    from pipeline.errors import PipelineError
+    from pipeline.teacher.load import teacher_vit
+
+    try:
+        with torch.device("meta"):
+            vit = teacher_vit(teacher)
+    except PipelineError as exc:
+        rep.error(f"'teacher.arch' = {teacher.arch!r} cannot be built: {exc}")
+        return None
+    patch = vit.patch_embed.patch_size[0]
+    kept = f"the patch size {patch} of teacher.arch {teacher.arch!r} (teacher.patch_size: null keeps it)"
+    for key, size in (("teacher.img_size", teacher.img_size), ("teacher.train.local_size", teacher.train.local_size)):
+        if size % patch:
+            rep.error(f"'{key}' = {size} is not a multiple of {kept}: change it, or set teacher.patch_size")
+    return teacher.img_size // patch
 
 
 def _cross_checks(rep: ParamsReport) -> None:
@@ -127,12 +166,11 @@ def _cross_checks(rep: ParamsReport) -> None:
     if prep is not None and prep.source == "fashion_mnist" and prep.holdout_size > FASHION_MNIST_TRAIN - FASHION_MNIST_CLASSES:
         rep.error(f"'prepare.holdout_size' = {prep.holdout_size} leaves no training image of some class: Fashion-MNIST "
                   f"has {FASHION_MNIST_TRAIN} training images in {FASHION_MNIST_CLASSES} classes; lower it")  # fmt: skip
-    teacher_grid = teacher.img_size // teacher.patch_size if teacher is not None else None
-
+    teacher_grid = _teacher_grid(rep, teacher) if teacher is not None else None
     if teacher is not None and teacher.init == "checkpoint" and not Path(teacher.checkpoint).is_file():
         rep.error(f"'teacher.checkpoint' = {teacher.checkpoint!r} does not exist: download the official iBOT "
                   "checkpoint there, or set teacher.init: train")  # fmt: skip
-    if teacher is not None and parts is not None:
+    if teacher_grid is not None and parts is not None:
         if parts.method != "attention_heads" and parts.num_parts > teacher_grid**2:
             rep.error(f"'parts.num_parts' = {parts.num_parts} exceeds the {teacher_grid}x{teacher_grid} patches of "
                       f"the teacher (teacher.img_size / teacher.patch_size)")  # fmt: skip
@@ -171,6 +209,10 @@ def _cross_checks(rep: ParamsReport) -> None:
         for run, cfg in rep.runs.items():
             if prep.resize < cfg.img_size:
                 rep.warn(f"prepare.resize={prep.resize} is below pretrain@{run} img_size={cfg.img_size}: crops are upsampled")
+    if extract is not None and set(EXTRACT_SPLITS_NEEDED) - set(extract.splits):
+        missing = sorted(set(EXTRACT_SPLITS_NEEDED) - set(extract.splits))
+        rep.error(f"'extract.splits' = {extract.splits} lacks {', '.join(missing)}: train_parts reads the features of "
+                  f"both train and val; set extract.splits: [{', '.join(EXTRACT_SPLITS_NEEDED)}]")  # fmt: skip
     if extract is not None and export is not None and extract.batch_size != export.batch_size:
         rep.warn(f"extract.batch_size={extract.batch_size} != export_parts.batch_size={export.batch_size}: exported "
                  "maps can differ in the last bits from maps of the stored features")  # fmt: skip

@@ -16,7 +16,7 @@ from pipeline.config.base import (
     read_section,
 )
 
-__all__ = ["PretrainConfig", "load_pretrain_config", "pretrain_runs"]
+__all__ = ["PretrainConfig", "load_pretrain_config", "pretrain_runs", "valid_seeds"]
 
 
 class PretrainConfig(StageConfig):
@@ -143,9 +143,9 @@ def load_pretrain_config(params_path: str | Path, variant: Optional[str], seed: 
     if unknown:
         raise ConfigError(f"{path}: unknown key 'pretrain.{unknown[0]}'; allowed keys: common, seeds, variants")
     seeds = section.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds)
-            or not all(type(s) is int and s >= 0 for s in seeds)):  # fmt: skip
-        raise ConfigError(f"{path}: 'pretrain.seeds' = {seeds!r} is invalid: a non-empty list of distinct integers >= 0")
+    # reported with the errors of the run's keys below, so that one look at the file shows them all
+    problems = [] if valid_seeds(seeds) else [f"{path}: 'pretrain.seeds' = {seeds!r} is invalid: a non-empty list "
+                                              "of distinct integers >= 0, e.g. [0] or [0, 1, 2]"]  # fmt: skip
     common = section.get("common") or {}
     variants = section.get("variants") or {}
     for key, value in (("pretrain.common", common), ("pretrain.variants", variants)):
@@ -163,22 +163,30 @@ def load_pretrain_config(params_path: str | Path, variant: Optional[str], seed: 
         if "seed" in data:
             raise ConfigError(f"{path}: '{where}.seed' is not allowed: list the seeds in 'pretrain.seeds'")
     try:
-        return PretrainConfig.model_validate({**common, **over, "seed": seed})
+        cfg = PretrainConfig.model_validate({**common, **over, "seed": seed})
     except ValidationError as exc:
-        lines = []
         for err in exc.errors():
             key = str(err["loc"][0]) if err["loc"] else ""
             where = f"pretrain.variants.{variant}" if key in over else "pretrain.common"
-            lines.append(format_error(path, where, PretrainConfig, err))
-        raise ConfigError("\n".join(lines)) from None
+            problems.append(format_error(path, where, PretrainConfig, err))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
+
+
+def valid_seeds(seeds: object) -> bool:
+    """``pretrain.seeds`` is a non-empty list of distinct integers >= 0 (each names a run: ``<variant>-<seed>``)."""
+    return (isinstance(seeds, list) and bool(seeds) and all(type(s) is int and s >= 0 for s in seeds)
+            and len(set(seeds)) == len(seeds))  # fmt: skip
 
 
 def pretrain_runs(params_path: str | Path) -> tuple[dict[str, dict], list[int]]:
     """``(variants -> their overrides, seeds)`` of the ``pretrain`` section, every run's config validated."""
+    load_pretrain_config(params_path, None, 0)  # the section's shape and seeds, and pretrain.common alone
     section = read_section(Path(params_path), "pretrain")
     variants = section.get("variants") or {}
     seeds = section.get("seeds", [0])
     for v in variants:
-        for s in seeds if isinstance(seeds, list) else [seeds]:
+        for s in seeds:
             load_pretrain_config(params_path, v, s)  # raises ConfigError naming the bad key
     return {v: dict(o or {}) for v, o in variants.items()}, list(seeds)
