@@ -62,12 +62,16 @@ def test_a_few_steps_lower_the_loss():
 
 
 def test_coherence_statistics():
-    stripes = torch.arange(4).view(1, 4, 1).expand(2, 4, 4)  # rows of one id each
+    stripes = torch.arange(4).view(1, 4, 1).expand(4000, 4, 4)  # rows of one id each
     assert coherence(stripes) == pytest.approx(0.5)  # all horizontal pairs agree, no vertical pair
-    assert shuffled_coherence(stripes) < 0.5
+    # shuffled: two given positions hold one id with probability sum_k n_k (n_k - 1) / (n (n - 1)) = 4*4*3 / (16*15)
+    assert shuffled_coherence(stripes) == pytest.approx(0.2, abs=0.005)
+    assert shuffled_coherence(torch.zeros(3, 4, 4, dtype=torch.long)) == 1.0
+    checker = (torch.arange(4).view(4, 1) + torch.arange(4)).remainder(2).expand(3, 4, 4)
+    assert coherence(checker) == 0.0
     assert part_shares(stripes, 5).tolist() == [0.25, 0.25, 0.25, 0.25, 0.0]
     stats = segmentation_stats(stripes, 4)
-    assert stats["min_share"] == 0.25 and stats["coherence_gain"] > 0
+    assert stats["min_share"] == stats["max_share"] == 0.25 and stats["coherence_gain"] == pytest.approx(0.3, abs=0.005)
 
 
 def test_attention_heads_method_on_a_hand_built_attention_tensor():

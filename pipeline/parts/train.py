@@ -47,7 +47,10 @@ def train_part_learner(
     device: torch.device, log_epoch: Optional[Callable[[int, dict], None]] = None, desc: str = "train parts",
     store: Optional[ResumeStore] = None, curve_rows: Optional[list] = None,
 ) -> dict:  # fmt: skip
-    """Fit ``model`` to ``cls [N, C]``, ``patches [N, L, C]`` (teacher features) and ``images [N, 3, S, S]`` uint8."""
+    """Fit ``model`` to ``cls [N, C]``, ``patches [N, L, C]`` (teacher features) and ``images [N, 3, S, S]`` uint8.
+
+    Returns the last epoch's mean losses, ``epoch`` and ``resumed_from_epoch`` (the epochs taken from
+    ``store``, 0 for a fresh run)."""
     n = len(cls)
     bs = min(cfg.batch_size, n)
     steps_per_epoch = n // bs
@@ -65,7 +68,9 @@ def train_part_learner(
         if curve_rows is not None:
             curve_rows[:] = state["curves"]
     bar = tqdm(total=total, initial=step, desc=desc, unit="step", mininterval=1.0)
+    trained = 0
     for epoch in range(start_epoch, cfg.epochs):
+        trained += 1
         order = torch.randperm(n, generator=gen)
         sums: dict[str, float] = {}
         for b in range(steps_per_epoch):
@@ -88,7 +93,8 @@ def train_part_learner(
             store.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                         "epoch": epoch + 1, "step": step, "stats": stats, "curves": list(curve_rows or [])})  # fmt: skip
     bar.close()
-    return stats
+    log.info("%s: %d of %d epochs trained in this run", desc, trained, cfg.epochs)
+    return {**stats, "resumed_from_epoch": start_epoch}
 
 
 @torch.no_grad()
