@@ -221,8 +221,13 @@ def _set_up(cfg: PretrainConfig, part_shards: Path, out_dir: str | Path, resume_
     device = D.device_for_rank()
     world = D.world_size()
     if cfg.batch_size % (world * cfg.accum_steps):
+        split = world * cfg.accum_steps
+        below = cfg.batch_size // split * split
+        near = f"{below} or {below + split}" if below else str(split)
         raise TrainingError(
-            f"pretrain batch_size={cfg.batch_size} is not divisible by {world} rank(s) x accum_steps={cfg.accum_steps}"
+            f"pretrain batch_size={cfg.batch_size} (the global batch) is not divisible by {world} rank(s) x "
+            f"accum_steps={cfg.accum_steps} = {split}: set batch_size to a multiple of {split} (e.g. {near}), or "
+            "change accum_steps or the number of ranks"
         )
     micro = cfg.batch_size // (world * cfg.accum_steps)
     steps_per_epoch = cfg.steps_per_epoch or n_train // cfg.batch_size
@@ -287,9 +292,11 @@ def _train_epoch(run: _Run, net: torch.nn.Module, epoch: int, progress: _Progres
         for step_no, i, lr, alpha in rows:
             log_row(step_no, {"loss": float(losses_host[i]), "lr": lr, "alpha": alpha, "epoch": epoch + 1})
     if not math.isfinite(epoch_loss):
+        bad = next((i for i, v in enumerate(losses_host.tolist()) if not math.isfinite(v)), 0)
         raise TrainingError(
-            f"pretrain loss became {epoch_loss} in epoch {epoch + 1}: lower pretrain base_lr "
-            f"({cfg.base_lr}) or set clip_grad"
+            f"pretrain loss became {float(losses_host[bad])} at step {epoch * run.steps_per_epoch + bad + 1} (epoch "
+            f"{epoch + 1}): lower pretrain base_lr ({cfg.base_lr}, peak lr {cfg.peak_lr():.3g}), lengthen "
+            f"warmup_epochs ({cfg.warmup_epochs}) or set clip_grad; no output was written"
         )
     bar.set_postfix(loss=f"{epoch_loss:.4f}")
     return epoch_loss
