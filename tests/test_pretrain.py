@@ -176,7 +176,7 @@ def test_variant_config_merges_common_and_names_bad_keys(tmp_path):
 
 
 def run_stage(tmp_path: Path, part_shards: Path, name: str, variant: str = "semantic", torchrun: int = 0,
-              wait: bool = True, **overrides):  # fmt: skip
+              wait: bool = True, env: dict | None = None, **overrides):  # fmt: skip
     write_params(tmp_path / "params.yaml", pretrain={"seeds": [0], "common": {**RUN, **overrides},
                  "variants": {"semantic": {"masking": "semantic"}, "random": {"masking": "random"}}})  # fmt: skip
     args = ["semmae", "pretrain", "--params", "params.yaml", "--variant", variant, "--seed", "0",
@@ -186,7 +186,8 @@ def run_stage(tmp_path: Path, part_shards: Path, name: str, variant: str = "sema
         args = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={torchrun}", "--no-python", *args]
     else:
         args[0] = str(BIN / "semmae")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+           **(env or {})}  # fmt: skip
     if not wait:
         return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -266,12 +267,34 @@ def curve(path: Path) -> np.ndarray:
     return np.array([[float(v) for v in r] for r in rows[1:]])[:, rows[0].index("loss")]
 
 
+RENAME_AUDIT = """import os, sys
+
+def _hook(event, args):  # every os.rename/os.replace of the process: its rank, source and destination
+    if event == "os.rename":
+        with open(os.environ["SEMMAE_TEST_RENAMES"], "a") as f:
+            f.write(f"{os.environ.get('RANK', '-')}\\t{os.fsdecode(args[0])}\\t{os.fsdecode(args[1])}\\n")
+
+sys.addaudithook(_hook)
+"""
+
+
+def renames_onto(log: Path, *names: str) -> list[tuple[str, str]]:
+    """``(rank, destination)`` of every rename recorded in ``log`` whose destination is one of ``names``."""
+    rows = [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+    return sorted((rank, dst) for rank, _, dst in rows if dst in names)
+
+
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path, part_shards):
     """Same global batch (16) on 1 process, on 2 processes (torchrun, gloo), and on 1 process with 2
     accumulation steps: with a fixed loader_streams, the same samples, crops and masks, so the same run."""
     same = {"epochs": 2, "loader_streams": 2}
     run_stage(tmp_path, part_shards, "one", **same)
-    run_stage(tmp_path, part_shards, "ddp", torchrun=2, **same)
+    audit = tmp_path / "audit"  # a sitecustomize that records each process's renames (atomic writes end in one)
+    audit.mkdir()
+    (audit / "sitecustomize.py").write_text(RENAME_AUDIT)
+    renames = tmp_path / "renames.tsv"
+    ddp = run_stage(tmp_path, part_shards, "ddp", torchrun=2, env={"PYTHONPATH": str(audit),
+                    "SEMMAE_TEST_RENAMES": str(renames)}, **same)  # fmt: skip
     run_stage(tmp_path, part_shards, "accum", accum_steps=2, **same)
     one = curve(tmp_path / "one" / "c.tsv")
     assert len(one) == 6 and np.isfinite(one).all()
@@ -283,4 +306,8 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, part_shards):
     for name in ("ddp", "accum"):
         for key, value in encoders["one"].items():
             torch.testing.assert_close(encoders[name][key], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
-    assert not (tmp_path / "ddp" / "out.tmp").exists()  # rank 0 alone wrote the outputs
+    # rank 0 alone wrote the outputs, once each (and logged so once), and left no temporary
+    assert renames_onto(renames, "ddp/out", "ddp/m.json") == [("0", "ddp/m.json"), ("0", "ddp/out")]
+    assert ddp.stderr.count("semmae.pretrain: done: ") == 1, ddp.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["c.tsv", "m.json", "out", "resume"]
+    assert [str(p) for pattern in (".*.tmp-*", ".*.old-*") for p in (tmp_path / "ddp").rglob(pattern)] == []
