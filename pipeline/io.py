@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -14,7 +15,7 @@ from typing import Any, Iterator
 from pipeline.errors import PipelineError
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_output_dir", "json_bytes", "file_sha256",
-           "ensure_free_space", "OutOfSpaceError", "remove_stale_temporaries"]
+           "ensure_free_space", "OutOfSpaceError", "out_of_space", "remove_stale_temporaries"]
 
 SPACE_MARGIN = 64 << 20  # bytes kept free beyond the estimate (filesystem metadata, logs)
 
@@ -56,7 +57,8 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling, fsync it, then rename it over ``path``."""
+    """Write ``data`` to a temporary sibling, fsync it, then rename it over ``path``. A full disk (or quota)
+    raises :class:`OutOfSpaceError`; ``path`` keeps its old content and no temporary is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -67,27 +69,57 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # first: the message reports the space this frees
+        raise out_of_space(exc, path) or exc
     finally:
         tmp.unlink(missing_ok=True)
 
 
 class OutOfSpaceError(PipelineError, OSError):
-    """The disk cannot hold the next output; raised before anything is written."""
+    """The disk cannot hold an output: raised before writing when the estimate does not fit, or when a write
+    hits a full disk or quota (then the partial output has been removed)."""
 
 
-def ensure_free_space(path: str | Path, needed: int, what: str) -> None:
-    """Fail with a clear message, before writing, if the filesystem of ``path`` has less than ``needed``
-    bytes (+ a margin) free. ``what`` names the output and the parameter that sizes it."""
-    probe = Path(path).absolute()
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # "No space left on device", "Disk quota exceeded"
+_GIB = 1 << 30
+_WHAT_TO_DO = "free some space (e.g. `dvc gc`), point the output elsewhere, or shrink it"
+
+
+def _existing(path: Path) -> Path:
+    probe = path.absolute()
     while not probe.exists():
         probe = probe.parent
+    return probe
+
+
+def out_of_space(exc: BaseException, path: str | Path) -> OutOfSpaceError | None:
+    """The clear error for ``exc`` when it is a full disk or quota (errno ENOSPC / EDQUOT) met while writing
+    ``path``, else None. Call it after removing the partial output, so the free space it reports is real."""
+    if isinstance(exc, OutOfSpaceError) or not isinstance(exc, OSError) or exc.errno not in _FULL:
+        return None
+    probe = _existing(Path(path))
+    free = shutil.disk_usage(probe).free
+    return OutOfSpaceError(
+        f"{path}: the disk filled up while writing it ({os.strerror(exc.errno)}); nothing was written (the partial "
+        f"output was removed) and {probe} has {free / _GIB:.2f} GiB free: {_WHAT_TO_DO}"
+    )
+
+
+def ensure_free_space(path: str | Path, needed: int, what: str, files: int = 0) -> int:
+    """Fail with a clear message, before writing, if the filesystem of ``path`` has less than ``needed``
+    bytes, plus one filesystem block for each of ``files`` files and directories (the unused end of its
+    last block), plus a margin, free. ``what`` names the output and the parameter that sizes it. Returns
+    the bytes required without the margin (the upper bound of the output's disk usage)."""
+    probe = _existing(Path(path))
+    needed += files * (os.statvfs(probe).f_frsize or 4096)
     free = shutil.disk_usage(probe).free
     if free < needed + SPACE_MARGIN:
-        gib = 1 << 30
         raise OutOfSpaceError(
-            f"{path}: {what} needs about {needed / gib:.2f} GiB but {probe} has {free / gib:.2f} GiB free: free some "
-            "space (e.g. `dvc gc`), point the output elsewhere, or shrink it"
+            f"{path}: {what} needs about {needed / _GIB:.2f} GiB but {probe} has {free / _GIB:.2f} GiB free: "
+            f"{_WHAT_TO_DO}"
         )
+    return needed
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -99,7 +131,8 @@ def atomic_output_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``path`` only if the block succeeds.
 
     On any exception the temporary directory is removed and an existing ``path`` is left untouched,
-    so a failed run never leaves a partial output that looks complete.
+    so a failed run never leaves a partial output that looks complete; a full disk or quota (ENOSPC /
+    EDQUOT) met in the block becomes :class:`OutOfSpaceError`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +150,9 @@ def atomic_output_dir(path: str | Path) -> Iterator[Path]:
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk met by any writer in the block: the clear error, after the cleanup
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise out_of_space(exc, path) or exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -3,7 +3,7 @@
 Each job (typically one input shard) writes its own output file(s), so the result does not depend on
 the number of processes. All ranks write into one temporary sibling of the output directory; after
 a barrier rank 0 writes the index and renames the directory into place. A failure leaves the
-previous output untouched.
+previous output untouched; a full disk or quota met while writing raises ``OutOfSpaceError``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Callable, Sequence, TypeVar
 from tqdm import tqdm
 
 from pipeline import distributed as D
+from pipeline.io import out_of_space
 
 __all__ = ["run_sharded"]
 
@@ -57,9 +58,9 @@ def run_sharded(
             shutil.rmtree(old, ignore_errors=True)
         D.barrier()
         return result
-    except BaseException:
+    except BaseException as exc:
         if D.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise out_of_space(exc, out_dir) or exc  # a full disk or quota: the clear error (after the cleanup)
     finally:
         D.cleanup()

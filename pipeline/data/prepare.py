@@ -11,11 +11,14 @@ encoding in worker processes keeps the input order. The same source and params g
 
 from __future__ import annotations
 
+import functools
+import heapq
 import io
 import json
 import logging
 import multiprocessing
 import os
+import tarfile
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
@@ -26,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.config.base import resolved_config
 from pipeline.config.prepare import PrepareConfig
-from pipeline.data.shards import INDEX_FORMAT, write_shards
+from pipeline.data.shards import IMAGE_ERRORS, INDEX_FORMAT, write_shards
 from pipeline.data.sources import (
     DataSourceError,
     Record,
@@ -78,10 +81,13 @@ def balanced_subset(
     return np.sort(np.concatenate(chosen))
 
 
-def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
+def _shorter_side_to(w: int, h: int, size: int) -> tuple[int, int]:
     scale = size / min(w, h)
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    return img.resize(_shorter_side_to(*img.size, size), Image.Resampling.BICUBIC)
 
 
 def _png(img: Image.Image) -> bytes:
@@ -182,14 +188,81 @@ class _NoPool:
         return map(fn, items)
 
 
-def _estimated_bytes(selected: dict[str, list[Record]]) -> int:
-    """An upper estimate of the shards' size: the selected images' source bytes (decoded arrays: their
-    raw size) plus the tar headers (3 entries of 512 bytes per sample)."""
-    return sum(
-        (r.pixels.nbytes if r.pixels is not None else r.path.stat().st_size) + 1536
-        for records in selected.values()
-        for r in records
-    )
+_TAR_BLOCK = 512
+_TAR_END = 2 * _TAR_BLOCK + tarfile.RECORDSIZE  # end-of-archive blocks, then zeros up to tarfile's 10 KiB record
+
+
+@functools.lru_cache(maxsize=None)
+def _tar_header(name_len: int) -> int:
+    """Header bytes of a tar member with an ASCII name of ``name_len`` characters, as tarfile writes it (over
+    100 characters add a pax header); the keys and extensions are ASCII by construction."""
+    return len(tarfile.TarInfo("x" * name_len).tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"))
+
+
+def _tar_member(name_len: int, size: int) -> int:
+    return _tar_header(name_len) + -(-size // _TAR_BLOCK) * _TAR_BLOCK  # data padded to whole blocks
+
+
+def _png_bound(width: int, height: int, channels: int) -> int:
+    """The most bytes Pillow's PNG writer gives an 8-bit image (ancillary chunks aside): the filtered rows (a
+    filter byte each) under zlib's compressBound, since incompressible pixels grow; an IDAT chunk per 64 KiB
+    written; signature, IHDR and IEND."""
+    raw = height * (1 + width * channels)
+    deflated = raw + (raw >> 12) + (raw >> 14) + (raw >> 25) + 13  # zlib's compressBound() (not in Python's zlib)
+    return 8 + 25 + 12 + deflated + 12 * (deflated // 65536 + 1)
+
+
+def _image_bound(rec: Record, resize: Optional[int]) -> int:
+    """An upper bound of the bytes :func:`encode_record` stores for ``rec``'s image. Exact for arrays and
+    PNG files (their header gives size and mode; no pixels are decoded) and for JPEGs passed through; a
+    JPEG re-encoded after a resize counts as its source size (the downscaled image is smaller in practice:
+    any bound would be several times the real size)."""
+    if rec.pixels is not None:
+        (h, w), channels, extra = rec.pixels.shape[:2], 1 if rec.pixels.ndim == 2 else 3, 0
+    else:
+        size = rec.path.stat().st_size
+        if rec.path.suffix.lower() in (".jpg", ".jpeg"):
+            return size
+        try:
+            with Image.open(rec.path) as img:
+                if img.format == "JPEG":
+                    return size
+                (w, h), channels = img.size, 1 if img.mode == "L" or _is_16bit_gray(img, img.format) else 3
+                extra = len(img.info.get("icc_profile") or b"") + 1024  # iCCP, tRNS: copied into the stored PNG
+        except IMAGE_ERRORS:  # an unreadable file: skipped, or the run fails, later
+            return size
+    if resize is not None and min(w, h) > resize:
+        w, h = _shorter_side_to(w, h, resize)
+    return _png_bound(w, h, channels) + extra
+
+
+def _index_bound(cfg: PrepareConfig, chosen: dict[str, list[Record]], classes: list[str]) -> int:
+    """The size of the largest ``index.json`` the run can write: every count at 16 digits, every image
+    that ``max_skip_fraction`` allows to be skipped (the longest source names) listed."""
+    big = 10**15
+    index = {"format": INDEX_FORMAT, "source": cfg.source, "classes": classes, "splits": {}, "skipped": {}}
+    for split, records in chosen.items():
+        shard = {"file": f"{split}-000000.tar", "num_samples": big, "sha256": "0" * 64, "bytes": big}
+        shards = -(-len(records) // cfg.shard_size)
+        index["splits"][split] = {"num_samples": big, "class_counts": [big] * len(classes), "shards": [shard] * shards}
+        most = int(cfg.max_skip_fraction * len(records)) if cfg.on_corrupt == "skip" else 0
+        index["skipped"][split] = heapq.nlargest(most, (r.source_id for r in records), key=lambda i: len(json.dumps(i)))
+    return len(json_bytes(index))
+
+
+def _estimated_bytes(cfg: PrepareConfig, chosen: dict[str, list[Record]], classes: list[str]) -> tuple[int, int]:
+    """An upper bound of the shard set's bytes (tar headers, data padded to 512-byte blocks, each shard's
+    end-of-archive padding, index.json, config.json; see :func:`_image_bound` for the one estimate) and its
+    number of files and directories (each also fills the rest of a filesystem block)."""
+    total, files = _index_bound(cfg, chosen, classes) + len(resolved_config(cfg, "prepare")), 3 + len(chosen)
+    for records in chosen.values():
+        shards = -(-len(records) // cfg.shard_size)
+        total, files = total + shards * _TAR_END, files + shards
+        for r in records:  # the members <key>.cls, <key>.json ({"orig_size": [w, h], "source": ...}), <key>.png|jpg
+            n = len(r.key)
+            total += _tar_member(n + 4, len(str(r.label))) + _tar_member(n + 4, _image_bound(r, cfg.resize))
+            total += _tar_member(n + 5, len(json.dumps(r.source_id)) + len('{"orig_size": [, ], "source": }') + 2 * 10)
+    return total, files
 
 
 def _labels(records: list[Record]) -> np.ndarray:
@@ -226,7 +299,8 @@ def prepare_dataset(cfg: PrepareConfig, out_dir: str | Path) -> dict:
     splits, classes = load_source(cfg)  # fails on a missing/malformed source before any output
     chosen = select_splits(cfg, splits, len(classes))  # ... and on a hold-out the source cannot give
     index: dict = {"format": INDEX_FORMAT, "source": cfg.source, "classes": classes, "splits": {}, "skipped": {}}
-    ensure_free_space(out_dir, _estimated_bytes(chosen), "the prepared shards (prepare.train_limit / val_limit / holdout_size)")
+    needed, files = _estimated_bytes(cfg, chosen, classes)
+    ensure_free_space(out_dir, needed, "the prepared shards (prepare.train_limit / val_limit / holdout_size)", files)
     with atomic_output_dir(out_dir) as tmp:
         for split, selected in chosen.items():
             skipped: list[str] = []
