@@ -3,6 +3,7 @@ test_linprobe_online.py)."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -197,10 +198,15 @@ def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
     proc = run("broken", wait=False)
     last = tmp_path / "broken" / "resume" / "last.pth"
     sigkill_after_first_checkpoint(proc, last, tmp_path / "broken" / "out")
-    run("broken")
+    rerun = run("broken")
     for rel in ("out/head.pth", "m.json", "c.tsv"):
         assert (tmp_path / "broken" / rel).read_bytes() == (tmp_path / "unbroken" / rel).read_bytes(), rel
     assert not any((tmp_path / "broken" / "resume").iterdir())
+    # the rerun continued the killed run (a deterministic run from scratch would give the same bytes): it
+    # started after the checkpoint's epoch and trained only the epochs left
+    start = [int(e) - 1 for e in re.findall(r"resuming at epoch (\d+) of 150", rerun.stderr)]
+    assert len(start) == 1 and 1 <= start[0] < 150, rerun.stderr[-2000:]
+    assert re.findall(r"(\d+) of 150 epochs trained in this run", rerun.stderr) == [str(150 - start[0])]
     metrics = json.loads((tmp_path / "broken" / "m.json").read_text())
     grid = LinprobeConfig().base_lrs()  # the default grid: four heads in one run
     assert list(metrics["holdout_by_lr"]) == [repr(lr) for lr in grid] and metrics["base_lr"] in grid

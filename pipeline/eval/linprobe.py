@@ -144,7 +144,9 @@ def train_probe(
             curve_rows[:] = state["curves"]
         log.info("%s: resuming at epoch %d of %d", desc, start_epoch + 1, cfg.epochs)
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=desc, unit="step", mininterval=1.0)
+    trained = 0
     for epoch in range(start_epoch, cfg.epochs):
+        trained += 1
         for head in heads:
             head.train()
         order = torch.randperm(n, generator=gen)
@@ -163,6 +165,7 @@ def train_probe(
                         "generator": gen.get_state(), "epoch": epoch + 1,
                         "curves": list(curve_rows or [])})  # fmt: skip
     bar.close()
+    log.info("%s: %d of %d epochs trained in this run", desc, trained, cfg.epochs)
     return {base_lr: head.eval() for base_lr, head in zip(lrs, heads)}
 
 
