@@ -63,13 +63,13 @@ def report(root: Path, *extra: str, variants: dict = VARIANTS, seeds: int = 3, f
         return CliRunner().invoke(app, ["report", *extra])
 
 
-@pytest.mark.parametrize(("tops", "expected"), [
-    ({"semantic": [0.70, 0.71, 0.72], "random": [0.60, 0.61, 0.62]}, "| linear top-1 | +10.00 | +10.00 to +10.00 | 3 | win |"),
-    ({"semantic": [0.60, 0.70, 0.65], "random": [0.64, 0.62, 0.66]}, "| linear top-1 | +1.00 | -14.51 to +16.51 | 3 | no difference detected |"),
-    ({"semantic": [0.50, 0.55, 0.60], "random": [0.60, 0.66, 0.71]}, "| linear top-1 | -10.67 | -12.10 to -9.23 | 3 | loss |"),
-    ({"semantic": [0.70], "random": [0.60]}, "| linear top-1 | +10.00 | – | 1 | one seed: no verdict |"),
+@pytest.mark.parametrize(("tops", "expected", "verdict"), [
+    ({"semantic": [0.70, 0.71, 0.72], "random": [0.60, 0.61, 0.62]}, "| linear top-1 | +10.00 | +10.00 to +10.00 | 3 | win |", 1),
+    ({"semantic": [0.60, 0.70, 0.65], "random": [0.64, 0.62, 0.66]}, "| linear top-1 | +1.00 | -14.51 to +16.51 | 3 | no difference detected |", 0),
+    ({"semantic": [0.50, 0.55, 0.60], "random": [0.60, 0.66, 0.71]}, "| linear top-1 | -10.67 | -12.10 to -9.23 | 3 | loss |", -1),
+    ({"semantic": [0.70], "random": [0.60]}, "| linear top-1 | +10.00 | – | 1 | one seed: no verdict |", None),
 ])  # fmt: skip
-def test_report_renders_from_fabricated_metrics(tmp_path, tops, expected):
+def test_report_renders_from_fabricated_metrics(tmp_path, tops, expected, verdict):
     fabricate(tmp_path, tops, lrs=(1.0, 10.0, 1.0))
     seeds = len(tops["semantic"])
     res = report(tmp_path, seeds=seeds)
@@ -94,7 +94,12 @@ def test_report_renders_from_fabricated_metrics(tmp_path, tops, expected):
     pair = summary["comparisons"]["semantic_vs_random"]
     assert pair["top1"]["mean"] == pytest.approx(sum(tops["semantic"]) / seeds - sum(tops["random"]) / seeds, abs=1e-6)
     assert set(pair) == {"top1", "knn_top1"} and pair["top1"]["n"] == seeds
-    assert ("verdict" in pair["top1"]) == (seeds > 1)  # one seed: no interval, no verdict
+    assert pair["top1"].get("verdict") == verdict  # +1 win, 0 no difference, -1 loss; one seed: none
+    assert ("ci_low" in pair["top1"]) == (seeds > 1)  # one seed: no interval
+    if verdict is not None:  # the interval of the table's line, as fractions
+        low, high = (float(x) / 100 for x in expected.split(" | ")[2].split(" to "))
+        assert pair["top1"]["ci_low"] == pytest.approx(low, abs=5e-5)
+        assert pair["top1"]["ci_high"] == pytest.approx(high, abs=5e-5)
     assert summary["reference_raw_pixels"]["probe_base_lr"] == 10.0 and summary["random"]["probe_base_lr"] == 1.0
 
 
@@ -181,3 +186,18 @@ def test_report_names_bad_input(tmp_path):
         collect_rows(lin, pre, VARIANTS, [0])
     res = report(tmp_path, "--finetune", "metrics/nowhere", seeds=1, finetune=True)
     assert res.exit_code == 2 and "--finetune metrics/nowhere: no such directory" in res.stderr
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('{"top1": 0.6, "top5": ', "not valid JSON"),  # a truncated write
+    ("[0.6, 0.9]", "expected a JSON object of metrics, got list"),
+    ("", "not valid JSON"),
+])  # fmt: skip
+def test_a_malformed_metrics_file_stops_the_report_naming_it(tmp_path, text, problem):
+    fabricate(tmp_path, {"semantic": [0.70, 0.71], "random": [0.60, 0.61]})
+    (tmp_path / "metrics" / "linprobe" / "random-1.json").write_text(text)
+    res = report(tmp_path, seeds=2)
+    assert res.exit_code == 2, (res.stderr, res.exception)
+    assert f"semmae report: error: metrics/linprobe/random-1.json: {problem}" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "metrics" / "report.json").exists()
