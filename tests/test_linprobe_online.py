@@ -175,3 +175,39 @@ def test_online_probe_under_two_processes_equals_one(fake_fmnist, tmp_path):
     metrics = json.loads(outputs[2][1])
     assert metrics["num_classes"] == 10 and 0 <= metrics["top1"] <= 1
     assert list(metrics["holdout_by_lr"]) == ["1.0", "10.0"]
+
+
+def test_the_stage_honours_mode_online_and_augment(fake_fmnist, tmp_path):
+    """``semmae linprobe`` (in-process) three ways on one encoder, one full batch per epoch: online without
+    augmentation trains the cached mode's head (the same evaluation crops); with augment the head trains on
+    other pixels, so it and its curves differ."""
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    _setup(fake_fmnist, tmp_path, shard_size=25)
+    base = {"epochs": 2, "warmup_epochs": 1, "batch_size": 100, "base_lr": [1.0], "eval_batch_size": 50, "knn_k": 5,
+            "shuffle_buffer": 1}  # fmt: skip
+    heads, metrics, losses = {}, {}, {}
+    runs = {"cached": {}, "online": {"mode": "online"}, "augment": {"mode": "online", "augment": True}}
+    for name, over in runs.items():
+        write_params(tmp_path / f"{name}.yaml", linprobe={**base, **over})
+        with contextlib.chdir(tmp_path):
+            res = CliRunner().invoke(app, ["linprobe", "--params", f"{name}.yaml", "--prepared", "prepared",
+                                           "--pretrained", "enc", "--out", f"{name}/out", "--metrics", f"{name}/m.json",
+                                           "--curves", f"{name}/c.tsv"])  # fmt: skip
+        assert res.exit_code == 0, (res.stderr[-3000:], res.exception)
+        heads[name] = torch.load(tmp_path / name / "out" / "head.pth", weights_only=True)["head"]
+        metrics[name] = json.loads((tmp_path / name / "m.json").read_text())
+        rows = [r.split("\t") for r in (tmp_path / name / "c.tsv").read_text().splitlines()]
+        losses[name] = [float(r[rows[0].index("loss")]) for r in rows[1:]]
+    for key, value in heads["cached"].items():
+        torch.testing.assert_close(heads["online"][key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert losses["online"] == pytest.approx(losses["cached"], rel=1e-5)
+    assert metrics["online"]["top1"] == pytest.approx(metrics["cached"]["top1"], abs=1e-6)
+    # augmented crops give other features: the head's BatchNorm statistics and its loss move off
+    assert (heads["augment"]["0.running_mean"] - heads["online"]["0.running_mean"]).abs().max() > 1e-2
+    assert losses["augment"] != pytest.approx(losses["online"], rel=1e-4)
+    assert metrics["augment"]["knn_top1"] == metrics["online"]["knn_top1"]  # k-NN: un-augmented features either way
