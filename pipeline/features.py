@@ -18,11 +18,14 @@ repeats the teacher description.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,11 +37,12 @@ from pipeline.config.extract import ExtractConfig
 from pipeline.data.images import normalize, to_square
 from pipeline.data.shards import decode_image, iter_samples, read_index, select_ordinals, shard_entries
 from pipeline.errors import PipelineError
-from pipeline.io import ensure_free_space, json_bytes
+from pipeline.io import ensure_free_space, json_bytes, remove_stale_temporaries
 from pipeline.sharded import run_sharded
 from pipeline.teacher.load import load_teacher
 
-__all__ = ["FEATURES_FORMAT", "FeatureError", "extract_features", "read_features_index", "load_features"]
+__all__ = ["FEATURES_FORMAT", "FeatureError", "extract_features", "read_features_index", "load_features",
+           "run_sharded_own_temporary"]
 
 FEATURES_FORMAT = "semmae-features/1"
 log = logging.getLogger(__name__)
@@ -73,6 +77,50 @@ def _batch(keys: list[str], labels: list[int], cls: np.ndarray, patches: np.ndar
         ],
         schema=schema,
     )
+
+
+def run_sharded_own_temporary(out_dir: Path, jobs: Sequence, work: Callable, finalize: Callable[[Path], dict],
+                              sizes: Sequence[int], desc: str) -> dict:
+    """:func:`run_sharded` into this run's own temporary ``.<out>.tmp-<pid>`` (rank 0's pid, the same on every
+    rank; call after ``D.init_distributed``), renamed over ``out_dir`` by rank 0 at the end. Two runs on one
+    output then never touch each other's files (the last to finish leaves its output), and the temporary of
+    a killed run is removed by the next run, as :func:`pipeline.io.atomic_output_dir` does for one process."""
+    pid = int(D.broadcast(torch.tensor([os.getpid()], dtype=torch.int64), 0).item())
+    staging = out_dir.with_name(f".{out_dir.name}.tmp-{pid}")
+    main = D.is_main()  # asked now: run_sharded leaves the process group, after which every rank is "rank 0"
+    if main:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)
+    try:
+        result = run_sharded(staging / out_dir.name, jobs, work, finalize, sizes, desc)
+        if main:
+            _replace_dir(staging / out_dir.name, out_dir)
+        return result
+    finally:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_dir(new: Path, out_dir: Path) -> None:
+    """Rename ``new`` over ``out_dir`` (a directory cannot be renamed over a non-empty one: the old one is
+    moved aside first). Another run may publish between the two renames: then move its output aside too."""
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    try:
+        for _ in range(100):
+            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(out_dir, old)
+            except FileNotFoundError:
+                pass
+            try:
+                os.replace(new, out_dir)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        raise FeatureError(f"{out_dir} kept being replaced by other runs: run one `dvc repro` at a time")
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -147,7 +195,7 @@ def extract_features(cfg: ExtractConfig, prepared_dir: str | Path, teacher_dir: 
         (tmp / "config.json").write_bytes(resolved_config(cfg, "extract"))
         return {"dim": vit.embed_dim, "grid": grid, **{f"{s}_rows": v["num_rows"] for s, v in splits.items()}}
 
-    return run_sharded(out_dir, jobs, work, finalize, sizes, desc="extract")
+    return run_sharded_own_temporary(out_dir, jobs, work, finalize, sizes, desc="extract")
 
 
 def read_features_index(features_dir: str | Path) -> dict:

@@ -8,22 +8,33 @@ truncated or unreadable is skipped with a warning, and a state written under a d
 config (``fingerprint``) is ignored, so a changed parameter never resumes a stale run; once the
 run's outputs are written the states are cleared (:meth:`ResumeStore.clear`).
 States are plain dicts of tensors and Python values, read with ``torch.load(weights_only=True)``.
+
+One run at a time per directory: a stage holds :func:`exclusive_run` (``fcntl.flock`` on ``<dir>/.lock``)
+for its whole run, and a second run on the same directory is refused at once, naming the holder's pid
+(two runs would rename each other's states away and resume each other's epochs). The kernel drops the
+lock when its holder dies, so a killed run never blocks the rerun.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_bytes
 
-__all__ = ["ResumeStore", "fingerprint"]
+__all__ = ["ResumeStore", "fingerprint", "exclusive_run", "ResumeBusyError", "LOCK_NAME"]
+
+LOCK_NAME = ".lock"
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +46,58 @@ def fingerprint(*parts: bytes | str) -> str:
         h.update(p.encode() if isinstance(p, str) else p)
         h.update(b"\0")
     return h.hexdigest()
+
+
+class ResumeBusyError(PipelineError):
+    """Another live run holds the resume directory."""
+
+
+@contextmanager
+def exclusive_run(directory: str | Path, stage: str) -> Iterator[None]:
+    """Hold ``directory`` (created if missing) for one run of ``stage``; refuse at once, without waiting, if
+    another process holds it. The lock file is removed on release, so a finished run leaves the directory
+    as :meth:`ResumeStore.clear` left it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            holder = _holder(path)
+            raise ResumeBusyError(
+                f"{directory} is in use by another run ({f'pid {holder}' if holder else 'pid unknown'}, its lock "
+                f"{path}): two runs of `semmae {stage}` on one resume directory would overwrite each other's "
+                f"checkpoints. Wait for that run to finish or stop it{f' (kill {holder})' if holder else ''}, or "
+                "give this run another --resume directory"
+            ) from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a waiting opener re-checks the inode above
+        os.close(fd)
+
+
+def _holder(path: Path) -> Optional[int]:
+    """The pid the lock's holder wrote (None if it has not written it yet)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 class ResumeStore:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -20,33 +21,35 @@ log = logging.getLogger("semmae.finetune")
 
 
 def _run(cfg: FinetuneConfig, shape: dict, prepared: Path, out: Path, seed: int, encoder: Optional[Path],
-         metrics: Path, curves: Path, resume: Optional[Path], identity: bytes, name: str) -> None:  # fmt: skip
+         metrics: Path, curves: Path, resume: Optional[Path], identity: bytes, name: str, stage: str) -> None:  # fmt: skip
     from pipeline.curves import CurveLog
     from pipeline.finetune import train
     from pipeline.io import file_sha256
-    from pipeline.resume import fingerprint
+    from pipeline.resume import exclusive_run, fingerprint
 
     from pipeline.data import labelled
+    from pipeline.data.shards import read_index
 
+    read_index(prepared)  # a missing or foreign shard set: its clear error, before index.json is hashed
     # the code that decides the weights: a resumed state from other code is not resumed
     code = [p.read_bytes() for p in (*sorted(Path(train.__file__).parent.glob("*.py")), Path(labelled.__file__))]
     fp = fingerprint(resolved_config(cfg, "finetune"), identity, file_sha256(prepared / "index.json"), *code)
     main = int(os.environ.get("RANK", "0")) == 0
-    curve_log = CurveLog(curves) if main else None
-    if resume is not None and main:
-        resume.mkdir(parents=True, exist_ok=True)
     log.info("finetune %s: %d epochs, batch %d, peak lr %.3g, layer decay %s", name, cfg.epochs, cfg.batch_size,
              cfg.peak_lr(), cfg.layer_decay)  # fmt: skip
-    start = time.perf_counter()
-    result = train.finetune(cfg, shape, prepared, out, seed, encoder, resume, fp, curve_log,
-                            curve_log.rows if curve_log else None)  # fmt: skip
-    if result:
-        seconds = time.perf_counter() - start
-        trained = (result["epochs"] - result["resumed_from_epoch"]) * result["steps"] // result["epochs"]
-        result |= {"variant": name.rsplit("-", 1)[0], "seconds": round(seconds, 1),
-                   "images_per_second": round(trained * cfg.batch_size / seconds, 1)}  # fmt: skip
-        atomic_write_json(metrics, result)
-        log.info("done: %s", result)
+    with exclusive_run(resume, stage) if resume is not None and main else nullcontext():  # creates `resume`
+        curve_log = CurveLog(curves, staged=True) if main else None  # replaces `curves` only at success
+        start = time.perf_counter()
+        result = train.finetune(cfg, shape, prepared, out, seed, encoder, resume, fp, curve_log,
+                                curve_log.rows if curve_log else None)  # fmt: skip
+        if result:
+            seconds = time.perf_counter() - start
+            trained = (result["epochs"] - result["resumed_from_epoch"]) * result["steps"] // result["epochs"]
+            result |= {"variant": name.rsplit("-", 1)[0], "seconds": round(seconds, 1),
+                       "images_per_second": round(trained * cfg.batch_size / seconds, 1)}  # fmt: skip
+            atomic_write_json(metrics, result)
+            curve_log.publish()
+            log.info("done: %s", result)
 
 
 def main(
@@ -73,7 +76,7 @@ def main(
     from pipeline.io import file_sha256
 
     _run(cfg, {k: meta[k] for k in SHAPE_KEYS}, prepared, out, int(meta["seed"]), pretrained / "encoder.pth", metrics,
-         curves, resume, file_sha256(pretrained / "encoder.pth").encode(), f"{pretrained.name}")  # fmt: skip
+         curves, resume, file_sha256(pretrained / "encoder.pth").encode(), f"{pretrained.name}", "finetune")  # fmt: skip
 
 
 def scratch(
@@ -94,4 +97,4 @@ def scratch(
     shape_cfg = load_pretrain_config(params, None, seed)
     shape = {k: getattr(shape_cfg, k) for k in SHAPE_KEYS}
     _run(cfg, shape, prepared, out, seed, None, metrics, curves, resume,
-         json.dumps(shape, sort_keys=True).encode(), f"scratch-{seed}")  # fmt: skip
+         json.dumps(shape, sort_keys=True).encode(), f"scratch-{seed}", "finetune_scratch")  # fmt: skip

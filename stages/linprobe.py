@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -41,19 +42,20 @@ def main(
     from pipeline.curves import CurveLog
     from pipeline.eval.linprobe import chosen_curve
     from pipeline.eval.probe_run import probe_pretrained
+    from pipeline.resume import exclusive_run
 
     cfg = load_stage_config(LinprobeConfig, params, "linprobe")
-    curve_log = CurveLog(curves) if _main() else None
-    if resume is not None and _main():
-        resume.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is left to resume
-    result = probe_pretrained(cfg, prepared, pretrained, out, _device(), curve_log, resume_dir=resume,
-                              curve_rows=curve_log.rows if curve_log else None)  # fmt: skip
-    if result:  # rank 0 writes (under torchrun the other ranks share the encoding, and in online mode the training)
-        atomic_write_json(metrics, result)
-        rows = chosen_curve(curve_log.rows, result["base_lr"])  # loss, train_top1, lr: the chosen head's
-        if rows:
-            curve_log.rows[:] = rows[:-1]
-            curve_log(rows[-1]["step"], {k: v for k, v in rows[-1].items() if k != "step"})  # one rewrite
+    # creates the resume directory: a DVC output even when nothing is left to resume
+    with exclusive_run(resume, "linprobe") if resume is not None and _main() else nullcontext():
+        curve_log = CurveLog(curves, staged=True) if _main() else None  # replaces `curves` only at success
+        result = probe_pretrained(cfg, prepared, pretrained, out, _device(), curve_log, resume_dir=resume,
+                                  curve_rows=curve_log.rows if curve_log else None)  # fmt: skip
+        if result:  # rank 0 writes (under torchrun the other ranks share the encoding, and in online mode the training)
+            atomic_write_json(metrics, result)
+            rows = chosen_curve(curve_log.rows, result["base_lr"])  # loss, train_top1, lr: the chosen head's
+            if rows:
+                curve_log.rows[:] = rows
+            curve_log.publish()
     log.info("done: %s", result)
 
 

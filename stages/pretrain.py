@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -32,19 +33,22 @@ def main(
     """
     from pipeline.curves import CurveLog
     from pipeline.mae.train import pretrain
+    from pipeline.resume import exclusive_run
 
     cfg = load_pretrain_config(params, variant, seed)
     log.info("pretrain %s-%d: masking=%s schedule=%s epochs=%d batch=%d peak lr %.3g", variant, seed, cfg.masking,
              cfg.schedule, cfg.epochs, cfg.batch_size, cfg.peak_lr())  # fmt: skip
-    curve_log = CurveLog(curves) if int(os.environ.get("RANK", "0")) == 0 else None  # rank 0 under torchrun
-
-    start = time.perf_counter()
-    rows = curve_log.rows if curve_log else None
-    result = pretrain(cfg, part_shards, out, resume, log_row=curve_log, curve_rows=rows)
-    if result:
-        seconds = time.perf_counter() - start
-        trained = (result["epochs"] - result["resumed_from_epoch"]) * result["steps"] // result["epochs"]
-        result |= {"seconds": round(seconds, 1), "images_per_second": round(trained * cfg.batch_size / seconds, 1),
-                   "variant": variant, "seed": seed}  # fmt: skip
-        atomic_write_json(metrics, result)
-        log.info("done: %s", result)
+    main = int(os.environ.get("RANK", "0")) == 0  # rank 0 under torchrun
+    with exclusive_run(resume, "pretrain") if main else nullcontext():
+        curve_log = CurveLog(curves, staged=True) if main else None  # replaces `curves` only at success
+        start = time.perf_counter()
+        rows = curve_log.rows if curve_log else None
+        result = pretrain(cfg, part_shards, out, resume, log_row=curve_log, curve_rows=rows)
+        if result:
+            seconds = time.perf_counter() - start
+            trained = (result["epochs"] - result["resumed_from_epoch"]) * result["steps"] // result["epochs"]
+            result |= {"seconds": round(seconds, 1), "images_per_second": round(trained * cfg.batch_size / seconds, 1),
+                       "variant": variant, "seed": seed}  # fmt: skip
+            atomic_write_json(metrics, result)
+            curve_log.publish()
+            log.info("done: %s", result)

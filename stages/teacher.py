@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -32,15 +33,16 @@ def main(
     ViT of the same shape and of raw pixels.
     """
     from pipeline.curves import CurveLog
+    from pipeline.resume import exclusive_run
     from pipeline.teacher.build import build_teacher
 
     cfg = load_stage_config(TeacherConfig, params, "teacher")
     log.info("teacher: init=%s arch=%s img_size=%d patch=%s", cfg.init, cfg.arch, cfg.img_size, cfg.patch_size)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
-    if main:
-        resume.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is trained
-    curve_log = CurveLog(curves) if main else None
-    result = build_teacher(cfg, prepared, out, log_step=curve_log, max_steps=max_steps, resume_dir=resume,
-                           curve_rows=curve_log.rows if curve_log else None)  # fmt: skip
-    if result:
-        atomic_write_json(metrics, result)
+    with exclusive_run(resume, "teacher") if main else nullcontext():  # creates it: a DVC output even when untrained
+        curve_log = CurveLog(curves, staged=True) if main else None  # replaces `curves` only at success
+        result = build_teacher(cfg, prepared, out, log_step=curve_log, max_steps=max_steps, resume_dir=resume,
+                               curve_rows=curve_log.rows if curve_log else None)  # fmt: skip
+        if result:
+            atomic_write_json(metrics, result)
+            curve_log.publish()

@@ -36,13 +36,15 @@ def main(
 
     from pipeline.curves import CurveLog
     from pipeline.parts.build import build_parts
+    from pipeline.resume import exclusive_run
 
     cfg = load_stage_config(PartsConfig, params, "parts")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resume.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is trained
-    curve_log = CurveLog(curves)
-    result = build_parts(cfg, prepared, teacher, features, out, figure, device, curve_log, resume_dir=resume,
-                         curve_rows=curve_log.rows)  # fmt: skip
-    atomic_write_json(metrics, result)
+    with exclusive_run(resume, "train_parts"):  # creates it: a DVC output even when nothing is trained
+        curve_log = CurveLog(curves, staged=True)  # replaces `curves` only at success
+        result = build_parts(cfg, prepared, teacher, features, out, figure, device, curve_log, resume_dir=resume,
+                             curve_rows=curve_log.rows)  # fmt: skip
+        atomic_write_json(metrics, result)
+        curve_log.publish()
     log.info("parts %s; references: attention heads %s, k-means %s", result.get("parts"),
              result.get("attention_heads"), result.get("kmeans"))  # fmt: skip

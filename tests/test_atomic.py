@@ -75,3 +75,23 @@ def test_sigkill_while_writing_shards_never_leaves_a_partial_output(fake_fmnist,
     leftovers = [p.name for p in (tmp_path / "data").iterdir() if p.name != "prepared"]
     leftovers += [p.name for p in (tmp_path / "metrics").iterdir() if p.name != "prepare.json"]
     assert leftovers == []  # the killed runs' temporaries are gone
+
+
+def test_a_staged_curve_log_replaces_the_curves_only_when_published(tmp_path):
+    """A stage's curves: the rows go to a hidden sibling of this process while it runs; the previous run's
+    curves stay as they were until publish(), which renames the rows over them and removes the staged rows
+    a dead run left."""
+    from pipeline.curves import CurveLog
+
+    curves = tmp_path / "c.tsv"
+    curves.write_text("step\tloss\n1\t9\n")
+    dead = tmp_path / f".c.tsv.tmp-{DEAD_PID}"
+    dead.write_text("step\tloss\n1\t8\n")
+    log = CurveLog(curves, staged=True)
+    log(1, {"loss": 0.5})
+    assert log.live == tmp_path / f".c.tsv.tmp-{os.getpid()}" and log.live.read_text() == "step\tloss\n1\t0.5\n"
+    assert curves.read_text() == "step\tloss\n1\t9\n"  # a failure from here on leaves it as it was
+    log(2, {"loss": 0.25})
+    log.publish()
+    assert curves.read_text() == "step\tloss\n1\t0.5\n2\t0.25\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tsv"]

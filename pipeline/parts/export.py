@@ -35,11 +35,10 @@ from pipeline.data.shards import (
     shard_entries,
     write_tar,
 )
-from pipeline.features import FeatureError
+from pipeline.features import FeatureError, run_sharded_own_temporary
 from pipeline.io import ensure_free_space, file_sha256, json_bytes
 from pipeline.parts.load import PARTS_CHECKPOINT, load_part_learner, parts_teacher
 from pipeline.parts.metrics import cls_attention
-from pipeline.sharded import run_sharded
 from pipeline.teacher.load import load_teacher
 
 __all__ = ["PARTS_FORMAT", "export_parts", "soft_part_maps"]
@@ -135,4 +134,4 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
 
     source_bytes = sum(e.bytes or 0 for _, e in jobs)
     ensure_free_space(out_dir, source_bytes + 1024 * sum(sizes), "the part shards (the prepared images + maps)")
-    return run_sharded(out_dir, jobs, work, finalize, sizes, desc="export parts")
+    return run_sharded_own_temporary(Path(out_dir), jobs, work, finalize, sizes, desc="export parts")
