@@ -5,6 +5,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -227,3 +229,165 @@ def test_feature_shards_are_checked_by_name_and_row_count(tmp_path):
     os.truncate(path, path.stat().st_size // 2)
     with pytest.raises(FeatureError, match=r"train-000000.arrow is unreadable .*dvc checkout"):
         load_features(feats, "train")
+
+
+# Damaged files a stage loads: each fails naming the file and what to do, exit 2, no traceback, nothing
+# written; a pickle that would run code is refused without running it. Stage runs are in-process (Typer's
+# runner: the real command, its exit status and stderr) on tiny outputs built once.
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def _bad_file(path: Path, kind: str) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "zero_bytes":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("extract:\n  limit: 100\n")  # a YAML snippet saved under the wrong name
+    else:
+        torch.save({"state_dict": {}, "meta": {"method": "learned"}, "extra": _Payload()}, path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    import tiny_stages
+
+    root = tmp_path_factory.mktemp("built")
+    prepared = tiny_stages.prepared(root)
+    teacher = tiny_stages.teacher(root)
+    return {"prepared": prepared, "teacher": teacher, "parts": tiny_stages.parts(root, prepared, teacher),
+            "pretrained": tiny_stages.pretrained(root)}  # fmt: skip
+
+
+def semmae(cwd: Path, monkeypatch, *args: str):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    monkeypatch.chdir(cwd)
+    return CliRunner().invoke(app, list(args))
+
+
+def copy_of(built: dict, name: str, tmp_path: Path) -> Path:
+    shutil.copytree(built[name], tmp_path / name)
+    return tmp_path / name
+
+
+# stage -> (the directory the damaged file sits in, its name, the stage's arguments after the damage)
+def _teacher(built, tmp_path):
+    bad = tmp_path / "given" / "checkpoint_teacher.pth"
+    from conftest import write_params
+    from tiny_stages import TINY_VIT
+
+    write_params(tmp_path / "params.yaml", teacher={**TINY_VIT, "checkpoint": str(bad)})
+    return bad, ["teacher", "--prepared", str(built["prepared"]), "--out", "out", "--metrics", "m.json",
+                 "--curves", "c.tsv", "--resume", "resume"]  # fmt: skip
+
+
+def _extract(built, tmp_path):
+    teacher = copy_of(built, "teacher", tmp_path)
+    return teacher / "checkpoint_teacher.pth", ["extract", "--prepared", str(built["prepared"]), "--teacher",
+                                                str(teacher), "--out", "out", "--metrics", "m.json"]  # fmt: skip
+
+
+def _export_parts(built, tmp_path):
+    parts = copy_of(built, "parts", tmp_path)
+    return parts / "part_learner.pth", ["export_parts", "--prepared", str(built["prepared"]), "--teacher",
+                                        str(built["teacher"]), "--parts", str(parts), "--out", "out", "--metrics",
+                                        "m.json"]  # fmt: skip
+
+
+def _linprobe(built, tmp_path):
+    pretrained = copy_of(built, "pretrained", tmp_path)
+    return pretrained / "encoder.pth", ["linprobe", "--prepared", str(built["prepared"]), "--pretrained",
+                                        str(pretrained), "--out", "out", "--metrics", "m.json", "--curves", "c.tsv",
+                                        "--resume", "resume"]  # fmt: skip
+
+
+def _finetune(built, tmp_path):
+    from conftest import write_params
+
+    write_params(tmp_path / "params.yaml", finetune={"batch_size": 16})  # the 60 train images hold a batch
+    pretrained = copy_of(built, "pretrained", tmp_path)
+    return pretrained / "encoder.pth", ["finetune", "--prepared", str(built["prepared"]), "--pretrained",
+                                        str(pretrained), "--out", "out", "--metrics", "m.json", "--curves", "c.tsv",
+                                        "--resume", "resume"]  # fmt: skip
+
+
+LOADED = {"teacher": _teacher, "extract": _extract, "export_parts": _export_parts, "linprobe": _linprobe,
+          "finetune": _finetune}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["zero_bytes", "text", "hostile_pickle"])
+@pytest.mark.parametrize("stage", sorted(LOADED))
+def test_a_damaged_checkpoint_fails_the_stage_naming_the_file_and_what_to_do(built, tmp_path, monkeypatch, stage, kind):
+    """Before: a zero-byte part_learner.pth printed only "Aborted.", a hostile one a raw UnpicklingError
+    traceback, a text teacher checkpoint `KeyError: 101`."""
+    from conftest import write_params
+
+    write_params(tmp_path / "params.yaml")  # every section's defaults (teacher: replaced by _teacher)
+    bad, args = LOADED[stage](built, tmp_path)
+    _bad_file(bad, kind)
+    (tmp_path / "c.tsv").write_text("step\tloss\n1\t0.5\n")  # a previous run's curves
+    res = semmae(tmp_path, monkeypatch, *args)
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output[-3000:]
+    error = res.stderr.strip()
+    assert error.startswith(f"semmae {stage}: error: checkpoint {bad} ") and len(error.splitlines()) == 1, error
+    assert {"zero_bytes": "is empty (0 bytes)", "text": "is not a", "hostile_pickle": "refused"}[kind] in error
+    assert "dvc checkout" in error and "rerun" in error  # what to do
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+    assert (tmp_path / "c.tsv").read_text() == "step\tloss\n1\t0.5\n"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_a_zero_byte_part_learner_is_named_by_the_real_command(built, tmp_path):
+    """The same through a real `semmae` process (click turned the EOFError into a bare "Aborted.")."""
+    from conftest import write_params
+
+    write_params(tmp_path / "params.yaml")
+    bad, args = _export_parts(built, tmp_path)
+    _bad_file(bad, "zero_bytes")
+    res = subprocess.run([str(Path(sys.executable).parent / "semmae"), *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "Aborted" not in res.stderr
+    assert f"semmae export_parts: error: checkpoint {bad} is empty (0 bytes): restore it (dvc checkout" in res.stderr
+
+
+@pytest.mark.parametrize("kind", ["zero_bytes", "text", "hostile_pickle"])
+def test_a_damaged_resume_state_is_skipped_with_a_warning_and_never_run(tmp_path, monkeypatch, caplog, kind):
+    """Resume states are the stage's own scratch files: a damaged one is not an error, the run starts over
+    (or from prev.pth) after a warning that names it."""
+    import logging
+
+    from pipeline.resume import ResumeStore
+
+    monkeypatch.chdir(tmp_path)
+    store = ResumeStore(tmp_path / "resume", "fp")
+    _bad_file(store.last, kind)
+    with caplog.at_level(logging.INFO, logger="pipeline.resume"):
+        assert store.load() is None
+    assert str(store.last) in caplog.text and not (tmp_path / "pwned-by-checkpoint").exists()
+
+
+def test_a_pretrain_run_stopped_by_a_truncated_shard_leaves_the_previous_curves(tmp_path, monkeypatch, shards):
+    """Before: the failed run replaced the previous run's curves with a header-only file."""
+    from conftest import write_params
+
+    root, paths, _ = shards
+    os.truncate(paths[1], os.path.getsize(paths[1]) // 2)
+    write_params(tmp_path / "params.yaml", pretrain={"seeds": [0], "variants": {"semantic": {}}, "common": {
+        "img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 16,
+        "decoder_depth": 1, "decoder_num_heads": 2, "epochs": 1, "batch_size": 16, "steps_per_epoch": 2}})  # fmt: skip
+    before = "step\talpha\tepoch\tloss\tlr\n1\t0\t1\t0.9\t0.001\n"
+    (tmp_path / "c.tsv").write_text(before)
+    res = semmae(tmp_path, monkeypatch, "pretrain", "--variant", "semantic", "--part-shards", str(root), "--out", "out",
+                 "--resume", "resume", "--metrics", "m.json", "--curves", "c.tsv")  # fmt: skip
+    assert res.exit_code == 2 and "truncated or were replaced" in res.stderr, res.output[-3000:]
+    assert (tmp_path / "c.tsv").read_text() == before
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "out").exists()

@@ -35,6 +35,7 @@ from pipeline.io import atomic_output_dir, atomic_write_bytes, json_bytes
 __all__ = [
     "CheckpointError",
     "build_vit",
+    "load_torch_file",
     "load_checkpoint_file",
     "backbone_state_dict",
     "load_backbone",
@@ -78,25 +79,50 @@ def build_vit(
     return model
 
 
-def load_checkpoint_file(path: Union[str, Path]) -> dict:
-    """``torch.load`` with ``weights_only=True`` (plus ``argparse.Namespace``); errors name the file."""
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch's weights-only refusal that says what was refused (the rest is boilerplate)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(boilerplate)]
+    return lines[0] if lines else type(exc).__name__
+
+
+def load_torch_file(path: Union[str, Path], remedy: str, safe_globals: tuple = ()) -> dict:
+    """``torch.load(weights_only=True)`` of a dict (plus ``safe_globals``), on the CPU. Whatever is wrong with
+    the file (missing, empty, truncated, not a torch file, pickling code) is a :class:`CheckpointError` naming
+    it, followed by ``remedy`` (what to do); a refused pickle is never run."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: give the path of an iBOT checkpoint_teacher.pth or checkpoint.pth")
+        raise CheckpointError(f"checkpoint {path} not found: {remedy}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): {remedy}")
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(list(safe_globals)):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _unpickling_reason(exc)
+        if "GLOBAL" in reason:  # a class or function the file would have run: a hostile or foreign pickle
+            raise CheckpointError(
+                f"checkpoint {path} refused: it pickles objects that are not tensors or plain containers ({reason}), "
+                f"and such objects are never unpickled here: {remedy}"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is not a torch checkpoint ({reason}): {remedy}") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load of a damaged or foreign file raises nearly anything
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no detail"
         raise CheckpointError(
-            f"checkpoint {path} refused: it holds pickled objects that are not plain tensors or containers "
-            f"({first}). Only official iBOT files (or files saved by this pipeline) are accepted."
+            f"checkpoint {path} is not a readable torch checkpoint: truncated, damaged or another kind of file "
+            f"({type(exc).__name__}: {detail}): {remedy}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable torch file ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path}: expected a dict at the top level, got {type(obj).__name__}")
+        raise CheckpointError(f"checkpoint {path}: expected a dict at the top level, got {type(obj).__name__}: {remedy}")
     return obj
+
+
+def load_checkpoint_file(path: Union[str, Path]) -> dict:
+    """An iBOT checkpoint, or a backbone this pipeline saved (``torch.load`` with ``weights_only=True`` plus
+    ``argparse.Namespace``); every error names the file and what to do."""
+    remedy = ("restore it (dvc checkout) or rerun the stage that wrote it (dvc repro); a teacher.checkpoint must be "
+              "an official iBOT checkpoint_teacher.pth or checkpoint.pth")  # fmt: skip
+    return load_torch_file(path, remedy, tuple(_SAFE_GLOBALS))
 
 
 def backbone_state_dict(obj: dict, path: Union[str, Path] = "<checkpoint>") -> dict[str, torch.Tensor]:

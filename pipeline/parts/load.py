@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.features import FeatureError
+from pipeline.models.checkpoint import CheckpointError, load_torch_file
 from pipeline.parts.model import PartLearner
 from pipeline.teacher.load import teacher_vit
 
@@ -39,10 +40,22 @@ def random_teacher(tcfg, seed: int):
     return teacher_vit(tcfg).eval()
 
 
+def _read(path: Path) -> dict:
+    """The saved part source; any damage is a clear error naming the file (never a traceback)."""
+    if not path.is_file():
+        raise FeatureError(f"{path} not found: run the train_parts stage first")
+    remedy = f"restore it (dvc checkout {path.parent}) or rerun the train_parts stage (dvc repro train_parts)"
+    obj = load_torch_file(path, remedy)
+    meta = obj.get("meta")
+    if not isinstance(meta, dict) or not isinstance(meta.get("method"), str):
+        raise CheckpointError(f"{path} holds no part-learner description ('meta'): {remedy}")
+    return obj
+
+
 def parts_teacher(vit, tcfg, parts_dir: str | Path):
     """The ViT whose tokens the saved parts read: ``vit`` itself, or the random teacher stored by
     ``method: random_teacher``."""
-    obj = torch.load(Path(parts_dir) / PARTS_CHECKPOINT, map_location="cpu", weights_only=True)
+    obj = _read(Path(parts_dir) / PARTS_CHECKPOINT)
     if "teacher_state" not in obj:
         return vit
     rand = teacher_vit(tcfg)
@@ -53,9 +66,7 @@ def parts_teacher(vit, tcfg, parts_dir: str | Path):
 def load_part_learner(path: str | Path) -> tuple[Optional[PartLearner], dict]:
     """A saved part learner (None for the attention-heads method) and its description (plain dict)."""
     path = Path(path)
-    if not path.is_file():
-        raise FeatureError(f"{path} not found: run the train_parts stage first")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = _read(path)
     meta = obj["meta"]
     if meta["method"] == "attention_heads":
         return None, meta

@@ -27,7 +27,11 @@ def load_teacher(teacher_dir: str | Path):
     cfg_path, ckpt = teacher_dir / "config.json", teacher_dir / CHECKPOINT_NAME
     if not cfg_path.is_file() or not ckpt.is_file():
         raise CheckpointError(f"{teacher_dir} holds no {CHECKPOINT_NAME} + config.json: run the teacher stage first")
-    cfg = TeacherConfig.model_validate(json.loads(cfg_path.read_text())["teacher"])
+    try:
+        cfg = TeacherConfig.model_validate(json.loads(cfg_path.read_text())["teacher"])
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, no 'teacher' section, invalid values
+        raise CheckpointError(f"{cfg_path} is not a teacher config ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
+                              f"restore it (dvc checkout {teacher_dir}) or rerun the teacher stage (dvc repro teacher)") from None
     vit = load_backbone(teacher_vit(cfg), ckpt)
     for p in vit.parameters():
         p.requires_grad_(False)
