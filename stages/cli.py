@@ -31,12 +31,22 @@ app = typer.Typer(
 RANK0_STAGES = {"check", "prepare", "train_parts", "pretrain_figures", "report"}
 
 
+def command_name(fn: Callable) -> str:
+    """The sub-command of a stage function: ``stages/<m>.py``'s ``main`` is ``<m>``, its other functions ``f``
+    are ``<m>_f`` (linprobe_reference, finetune_scratch); this module's own functions keep their name."""
+    module = fn.__module__.rsplit(".", 1)[-1]
+    if fn.__module__ == __name__:
+        return fn.__name__
+    return module if fn.__name__ == "main" else f"{module}_{fn.__name__}"
+
+
 def _clean_errors(fn: Callable) -> Callable:
-    """Turn a PipelineError into one clear line on stderr and exit status 2, without a traceback."""
+    """Turn a PipelineError into one clear line on stderr, naming the sub-command the user ran, and exit
+    status 2, without a traceback."""
+    name = command_name(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        name = fn.__module__.rsplit(".", 1)[-1] if fn.__module__ != __name__ else fn.__name__
         rank = int(os.environ.get("RANK", "0"))
         if rank > 0 and name in RANK0_STAGES:
             logging.getLogger("semmae").info("%s runs in one process: rank %d has nothing to do", name, rank)

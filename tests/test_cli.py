@@ -91,3 +91,21 @@ def test_an_imagefolder_with_more_classes_than_train_images_is_refused_at_the_st
     assert any("'prepare.val_limit' = 2 is below the 3 classes" in w for w in report.warnings)
     write_params(tmp_path / "params.yaml", prepare={"source": "imagefolder", "root": "data_in", "train_limit": 3})
     assert check_params(tmp_path / "params.yaml").errors == []
+
+
+def test_errors_name_the_sub_command_the_user_ran(tmp_path, monkeypatch):
+    """Two sub-commands live in one module each (linprobe_reference, finetune_scratch): an error names the
+    one that ran (it said `semmae linprobe:` for linprobe_reference)."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app, command_name
+
+    assert {c.name: command_name(c.callback.__wrapped__) for c in app.registered_commands} == {
+        c.name: c.name for c in app.registered_commands}  # every registration: the name errors will use  # fmt: skip
+    write_params(tmp_path / "params.yaml", pretrain={"seeds": [0], "common": {}, "variants": {"semantic": {}}})
+    monkeypatch.chdir(tmp_path)
+    for args in (["linprobe_reference", "--prepared", "none", "--metrics", "m.json"],
+                 ["finetune_scratch", "--prepared", "none", "--out", "o", "--metrics", "m.json", "--curves", "c.tsv"]):  # fmt: skip
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and res.stderr.startswith(f"semmae {args[0]}: error: "), res.output
+        assert "none" in res.stderr
