@@ -151,8 +151,16 @@ def atomic_output_dir(path: str | Path) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
     except OSError as exc:  # a full disk met by any writer in the block: the clear error, after the cleanup
+        _restore(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise out_of_space(exc, path) or exc
     finally:
+        _restore(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(old: Path, path: Path) -> None:
+    """Put the previous output back when the swap failed between its two renames."""
+    if old.exists() and not path.exists():
+        os.replace(old, path)

@@ -177,3 +177,22 @@ def test_sharded_stages_turn_a_full_disk_into_the_clear_error(tmp_path):
     with pytest.raises(OutOfSpaceError, match=r"out: the disk filled up while writing it \(No space left on device\)"):
         run_sharded(tmp_path / "out", [0, 1, 2, 3], work, lambda tmp: {}, [1, 1, 1, 1], "test")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["out", "out/index.json"]
+
+
+def test_a_failure_between_the_two_renames_puts_the_old_output_back(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "index.json").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old output has moved aside; the new one cannot take its place
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OutOfSpaceError, match=r"out: the disk filled up while writing it"):
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "index.json").write_text("new")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["out", "out/index.json"]
+    assert (tmp_path / "out" / "index.json").read_text() == "old"
