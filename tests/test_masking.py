@@ -75,6 +75,19 @@ def test_blend_follows_the_formula():
     assert torch.all(m2 <= counts)
 
 
+def test_blend_on_hand_computed_counts():
+    """Part sizes [20, 12, 16, 16, 0, 0] of 64 patches, r = 0.75 (48 masked), the random part order 1, 2, 0, 3
+    fixed by the noise: m1 = round(0.75 a) = [15, 9, 12, 12, 0, 0]; m2 masks parts 1, 2, 0 whole (12 + 16 + 20
+    = 48) and none of part 3 = [20, 12, 16, 0, 0, 0]; alpha = 0.5: round([17.5, 10.5, 14, 6, 0, 0]), halves
+    to even = [18, 10, 14, 6, 0, 0]."""
+    ids = torch.tensor([0] * 20 + [1] * 12 + [2] * 16 + [3] * 16)[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    noise = torch.tensor([[0.3, 0.1, 0.2, 0.4, 0.5, 0.6]])
+    expected = {0.0: [15, 9, 12, 12, 0, 0], 1.0: [20, 12, 16, 0, 0, 0], 0.5: [18, 10, 14, 6, 0, 0]}
+    for alpha, m in expected.items():
+        got, counts = masks_per_part(ids[None], K, 0.75, alpha, noise=noise)
+        assert got[0].tolist() == m and counts[0].tolist() == [20, 12, 16, 16, 0, 0], alpha
+
+
 def test_empty_parts_are_never_masked_and_cost_nothing():
     ids = part_maps(empty=(2, 4))
     m, counts = masks_per_part(ids, K, 0.75, 0.7, torch.Generator().manual_seed(5))
