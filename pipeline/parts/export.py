@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -133,5 +134,8 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
         return {"grid": grid, "num_parts": meta["num_parts"], **{f"{s}_samples": v["num_samples"] for s, v in splits.items()}}
 
     source_bytes = sum(e.bytes or 0 for _, e in jobs)
-    ensure_free_space(out_dir, source_bytes + 1024 * sum(sizes), "the part shards (the prepared images + maps)")
+    # per sample a parts.npy member (a 512-byte header + its data padded to 512); per shard the tar's final
+    # record (tarfile pads an archive to RECORDSIZE); index.json and config.json
+    needed = source_bytes + 1024 * sum(sizes) + tarfile.RECORDSIZE * len(jobs) + (64 << 10)
+    ensure_free_space(out_dir, needed, "the part shards (the prepared images + maps)")
     return run_sharded_own_temporary(Path(out_dir), jobs, work, finalize, sizes, desc="export parts")
