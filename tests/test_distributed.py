@@ -12,19 +12,19 @@ from pathlib import Path
 import torch
 
 from conftest import write_params
-from pipeline.config import PrepareConfig
-from pipeline.data.prepare import prepare_dataset
 from pipeline.models.checkpoint import build_vit, save_backbone
+from rename_audit import audit_env, renames_onto
 
 BIN = Path(sys.executable).parent
 TINY = {"arch": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "depth": 2, "num_heads": 2, "embed_dim": 32}
 
 
-def semmae(cwd: Path, *args: str, procs: int = 1) -> subprocess.CompletedProcess:
+def semmae(cwd: Path, *args: str, procs: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "semmae"), *args]
     if procs > 1:
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={procs}", "--no-python", "semmae", *args]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+           **(env or {})}  # fmt: skip
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -32,9 +32,16 @@ def semmae(cwd: Path, *args: str, procs: int = 1) -> subprocess.CompletedProcess
 
 def test_teacher_knn_and_linprobe_reference_under_two_processes_equal_one(fake_fmnist, tmp_path):
     root, _ = fake_fmnist
-    # 3 train shards + 2 val shards: the two ranks get different numbers of shards
-    prepare_dataset(PrepareConfig(root=str(root), train_limit=150, val_limit=60, holdout_size=50, shard_size=50, num_workers=0),
-                    tmp_path / "prepared")  # fmt: skip
+    # 3 train shards + 2 val shards: the two ranks get different numbers of shards. prepare is a one-process
+    # stage: under torchrun rank 0 alone writes (the rename audit records who put what in place)
+    write_params(tmp_path / "prepare.yaml", prepare={"root": str(root), "train_limit": 150, "val_limit": 60,
+                                                     "holdout_size": 50, "shard_size": 50, "num_workers": 0})  # fmt: skip
+    audit, renames = audit_env(tmp_path)
+    res = semmae(tmp_path, "prepare", "--params", "prepare.yaml", "--out", "prepared", "--metrics", "prep.json",
+                 procs=2, env=audit)  # fmt: skip
+    assert renames_onto(renames, "prepared", "prep.json") == [("0", "prep.json"), ("0", "prepared")]
+    assert "prepare runs in one process: rank 1 has nothing to do" in res.stderr
+    assert json.loads((tmp_path / "prep.json").read_text())["train"]["num_samples"] == 150
     torch.manual_seed(3)
     save_backbone(build_vit(**TINY), tmp_path / "given.pth", dtype=torch.float32)
     write_params(tmp_path / "params.yaml",
@@ -63,4 +70,4 @@ def test_teacher_knn_and_linprobe_reference_under_two_processes_equal_one(fake_f
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "run the teacher stage without torchrun" in res.stderr
-    assert not (tmp_path / "t2").exists()
+    assert not (tmp_path / "t2").exists() and not list(tmp_path.glob(".t2.tmp-*"))  # no output, no temporary

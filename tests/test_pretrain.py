@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import PART_COLOURS, make_part_shards, sigkill_after_first_checkpoint, write_params
+from rename_audit import audit_env, renames_onto
 from pipeline.config import ConfigError, PretrainConfig, load_pretrain_config
 from pipeline.data.shards import ShardFormatError, shard_paths
 from pipeline.mae.data import joint_crop, make_loader, sample_crop
@@ -267,34 +268,13 @@ def curve(path: Path) -> np.ndarray:
     return np.array([[float(v) for v in r] for r in rows[1:]])[:, rows[0].index("loss")]
 
 
-RENAME_AUDIT = """import os, sys
-
-def _hook(event, args):  # every os.rename/os.replace of the process: its rank, source and destination
-    if event == "os.rename":
-        with open(os.environ["SEMMAE_TEST_RENAMES"], "a") as f:
-            f.write(f"{os.environ.get('RANK', '-')}\\t{os.fsdecode(args[0])}\\t{os.fsdecode(args[1])}\\n")
-
-sys.addaudithook(_hook)
-"""
-
-
-def renames_onto(log: Path, *names: str) -> list[tuple[str, str]]:
-    """``(rank, destination)`` of every rename recorded in ``log`` whose destination is one of ``names``."""
-    rows = [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
-    return sorted((rank, dst) for rank, _, dst in rows if dst in names)
-
-
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path, part_shards):
     """Same global batch (16) on 1 process, on 2 processes (torchrun, gloo), and on 1 process with 2
     accumulation steps: with a fixed loader_streams, the same samples, crops and masks, so the same run."""
     same = {"epochs": 2, "loader_streams": 2}
     run_stage(tmp_path, part_shards, "one", **same)
-    audit = tmp_path / "audit"  # a sitecustomize that records each process's renames (atomic writes end in one)
-    audit.mkdir()
-    (audit / "sitecustomize.py").write_text(RENAME_AUDIT)
-    renames = tmp_path / "renames.tsv"
-    ddp = run_stage(tmp_path, part_shards, "ddp", torchrun=2, env={"PYTHONPATH": str(audit),
-                    "SEMMAE_TEST_RENAMES": str(renames)}, **same)  # fmt: skip
+    audit, renames = audit_env(tmp_path)  # records which rank renamed what (atomic writes end in a rename)
+    ddp = run_stage(tmp_path, part_shards, "ddp", torchrun=2, env=audit, **same)
     run_stage(tmp_path, part_shards, "accum", accum_steps=2, **same)
     one = curve(tmp_path / "one" / "c.tsv")
     assert len(one) == 6 and np.isfinite(one).all()
