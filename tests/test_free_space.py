@@ -120,14 +120,20 @@ def test_pretrain_refuses_before_compute(part_shards, tmp_path, monkeypatch, ful
     assert nothing_in(tmp_path / "a") == [] and nothing_in(tmp_path / "b") == []
 
 
-def test_finetune_refuses_before_compute(built, tmp_path, monkeypatch):
+@pytest.mark.parametrize("full", ["resume", "out"])
+def test_finetune_refuses_before_compute(built, tmp_path, monkeypatch, full):
+    """Two checks, as pretrain's: the resume checkpoints and the output model, each on its own filesystem here."""
     from pipeline.finetune import train
 
-    tiny_disk(monkeypatch)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    resume, out = tmp_path / "a" / "resume", tmp_path / "b" / "out"
+    tiny_disk(monkeypatch, under=(resume if full == "resume" else out).parent)
     no_compute(monkeypatch, torch.nn.Module, "__call__")  # no forward pass of any model
     shape = {k: tiny_stages.TINY_VIT[k] for k in train.SHAPE_KEYS}
-    what = r"finetune's resume checkpoints \(last\.pth \+ prev\.pth\)"
-    with pytest.raises(OutOfSpaceError, match=refusal(tmp_path / "resume", what)):
-        train.finetune(FinetuneConfig(batch_size=16, epochs=1, warmup_epochs=0.5), shape, built["prepared"], tmp_path / "out", 0,
-                       built["pretrained"] / "encoder.pth", tmp_path / "resume", "fp")  # fmt: skip
-    assert nothing_in(tmp_path) == []
+    what = r"finetune's resume checkpoints \(last\.pth \+ prev\.pth\)" if full == "resume" else \
+        r"finetune's outputs \(model\.pth\)"  # fmt: skip
+    with pytest.raises(OutOfSpaceError, match=refusal(resume if full == "resume" else out, what)):
+        train.finetune(FinetuneConfig(batch_size=16, epochs=1, warmup_epochs=0.5), shape, built["prepared"], out, 0,
+                       built["pretrained"] / "encoder.pth", resume, "fp")  # fmt: skip
+    assert nothing_in(tmp_path / "a") == [] and nothing_in(tmp_path / "b") == []

@@ -184,6 +184,8 @@ def finetune(cfg: FinetuneConfig, shape: dict, prepared: str | Path, out_dir: st
     prepared = Path(prepared)
     run = _set_up(cfg, shape, prepared, Path(encoder) if encoder is not None else None, run_seed,
                   Path(resume_dir) if resume_dir is not None else None, fingerprint)  # fmt: skip
+    if D.is_main():  # model.pth holds the weights alone (a third of a resume state's 3x)
+        ensure_free_space(out_dir, 4 * sum(p.numel() for p in run.model.parameters()) + 65536, "finetune's outputs (model.pth)")
     start_epoch = 0
     state = run.store.load() if run.store is not None else None
     if state is not None:
