@@ -20,7 +20,8 @@ __all__ = ["CurveLog"]
 
 class CurveLog:
     """Callable ``log(step, stats)`` appending one row. Unstaged, ``path`` exists from construction and holds
-    every row; staged, the rows go to :attr:`live` and reach ``path`` at :meth:`publish`."""
+    every row; staged, the rows go to :attr:`live` (from the first row on: a run refused before training
+    leaves nothing behind) and reach ``path`` at :meth:`publish`."""
 
     def __init__(self, path: str | Path, staged: bool = False):
         self.path = Path(path)
@@ -28,7 +29,8 @@ class CurveLog:
         # once its writer is dead by remove_stale_temporaries)
         self.live = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}") if staged else self.path
         self.rows: list[dict[str, float]] = []
-        self._write()
+        if not staged:
+            self._write()
 
     def __call__(self, step: int, stats: dict[str, float]) -> None:
         self.rows.append({"step": step, **stats})
