@@ -60,15 +60,18 @@ def main(
             f"{tuned.epochs} epochs, batch {tuned.batch_size}, base lr {tuned.base_lr}, layer decay {tuned.layer_decay}, "
             f"drop path {tuned.drop_path}, mixup {tuned.mixup}, cutmix {tuned.cutmix}, label smoothing "
             f"{tuned.label_smoothing}; from scratch: the same recipe from a random initialisation")  # fmt: skip
-    atomic_write_bytes(out, render_markdown(rows, comparisons, context, baseline).encode())
-    atomic_write_bytes(table, render_csv(rows).encode())
     runs = [f"{v}-{s}" for v in variants for s in seeds]
-    atomic_write_bytes(curves / "pretrain.tsv", merge_curves(pretrain_curves, runs).encode())
-    atomic_write_bytes(curves / "linprobe.tsv", merge_curves(linprobe_curves, runs).encode())
+    # every output is built before the first is written: a bad input (a malformed curves file) leaves none
+    outputs = {out: render_markdown(rows, comparisons, context, baseline), table: render_csv(rows),
+               curves / "pretrain.tsv": merge_curves(pretrain_curves, runs),
+               curves / "linprobe.tsv": merge_curves(linprobe_curves, runs)}  # fmt: skip
     if finetune_curves is not None:
         tuned_runs = runs + [f"{SCRATCH}-{s}" for s in seeds]
-        atomic_write_bytes(curves / "finetune.tsv", merge_curves(finetune_curves, tuned_runs).encode())
-    atomic_write_json(metrics, summary_metrics(rows, comparisons, upstream_numbers(teacher, parts)))
+        outputs[curves / "finetune.tsv"] = merge_curves(finetune_curves, tuned_runs)
+    summary = summary_metrics(rows, comparisons, upstream_numbers(teacher, parts))
+    for path, text in outputs.items():
+        atomic_write_bytes(path, text.encode())
+    atomic_write_json(metrics, summary)
     for c in comparisons:
         r = c["result"]
         log.info("%s - %s, %s: %s (%s over %d seed(s))", c["a"], c["b"], c["metric"], r.verdict,

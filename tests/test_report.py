@@ -201,3 +201,13 @@ def test_a_malformed_metrics_file_stops_the_report_naming_it(tmp_path, text, pro
     assert f"semmae report: error: metrics/linprobe/random-1.json: {problem}" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "reports").exists() and not (tmp_path / "metrics" / "report.json").exists()
+
+
+def test_a_malformed_curves_file_stops_the_report_before_any_output(tmp_path):
+    fabricate(tmp_path, {"semantic": [0.70, 0.71], "random": [0.60, 0.61]})
+    (tmp_path / "metrics" / "linprobe_curves" / "random-1.tsv").write_text("epoch\tloss\n1\t0.5\n")
+    res = report(tmp_path, seeds=2)
+    assert res.exit_code == 2, (res.stderr, res.exception)
+    assert "random-1.tsv: not a curve file" in res.stderr
+    # the table and CSV come before the curves in the code, yet neither may be written
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "metrics" / "report.json").exists()
