@@ -257,11 +257,7 @@ def _bad_file(path: Path, kind: str) -> None:
 def built(tmp_path_factory):
     import tiny_stages
 
-    root = tmp_path_factory.mktemp("built")
-    prepared = tiny_stages.prepared(root)
-    teacher = tiny_stages.teacher(root)
-    return {"prepared": prepared, "teacher": teacher, "parts": tiny_stages.parts(root, prepared, teacher),
-            "pretrained": tiny_stages.pretrained(root)}  # fmt: skip
+    return tiny_stages.every_output(tmp_path_factory.mktemp("built"))
 
 
 def semmae(cwd: Path, monkeypatch, *args: str):

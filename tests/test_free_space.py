@@ -22,11 +22,7 @@ FREE = 1 << 20  # 1 MiB: below the 64 MiB margin whatever the estimate
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("built")
-    prepared = tiny_stages.prepared(root)
-    teacher = tiny_stages.teacher(root)
-    return {"prepared": prepared, "teacher": teacher, "parts": tiny_stages.parts(root, prepared, teacher),
-            "pretrained": tiny_stages.pretrained(root)}  # fmt: skip
+    return tiny_stages.every_output(tmp_path_factory.mktemp("built"))
 
 
 def tiny_disk(monkeypatch, under: Path | None = None) -> None:
@@ -102,38 +98,26 @@ TINY_MAE = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, d
                 decoder_num_heads=2, epochs=1, batch_size=16, steps_per_epoch=2, warmup_epochs=0.5, shuffle_buffer=16)  # fmt: skip
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 @pytest.mark.parametrize("full", ["resume", "out"])
-def test_pretrain_refuses_before_compute(part_shards, tmp_path, monkeypatch, full):
-    """Two checks: the resume checkpoints (last + prev) and the outputs, each on its own filesystem here."""
-    from pipeline.mae import train
-    from pipeline.mae.model import MaskedAutoencoder
-
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    resume, out = tmp_path / "a" / "resume", tmp_path / "b" / "out"
-    tiny_disk(monkeypatch, under=(resume if full == "resume" else out).parent)
-    no_compute(monkeypatch, MaskedAutoencoder, "forward")
-    what = r"pretrain's resume checkpoints \(last\.pth \+ prev\.pth\)" if full == "resume" else \
-        r"pretrain's outputs \(encoder\.pth, mae\.pth\)"  # fmt: skip
-    with pytest.raises(OutOfSpaceError, match=refusal(resume if full == "resume" else out, what)):
-        train.pretrain(PretrainConfig(**TINY_MAE), part_shards, out, resume)
-    assert nothing_in(tmp_path / "a") == [] and nothing_in(tmp_path / "b") == []
-
-
-@pytest.mark.parametrize("full", ["resume", "out"])
-def test_finetune_refuses_before_compute(built, tmp_path, monkeypatch, full):
-    """Two checks, as pretrain's: the resume checkpoints and the output model, each on its own filesystem here."""
-    from pipeline.finetune import train
+def test_training_stages_refuse_before_compute(built, part_shards, tmp_path, monkeypatch, stage, full):
+    """Two checks per stage: the resume checkpoints (last + prev) and the outputs, each on its own filesystem here."""
+    from pipeline.finetune import train as finetune_train
+    from pipeline.mae import train as pretrain_train
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     resume, out = tmp_path / "a" / "resume", tmp_path / "b" / "out"
     tiny_disk(monkeypatch, under=(resume if full == "resume" else out).parent)
     no_compute(monkeypatch, torch.nn.Module, "__call__")  # no forward pass of any model
-    shape = {k: tiny_stages.TINY_VIT[k] for k in train.SHAPE_KEYS}
-    what = r"finetune's resume checkpoints \(last\.pth \+ prev\.pth\)" if full == "resume" else \
-        r"finetune's outputs \(model\.pth\)"  # fmt: skip
+    what = {"resume": rf"{stage}'s resume checkpoints \(last\.pth \+ prev\.pth\)",
+            "out": {"pretrain": r"pretrain's outputs \(encoder\.pth, mae\.pth\)",
+                    "finetune": r"finetune's outputs \(model\.pth\)"}[stage]}[full]  # fmt: skip
     with pytest.raises(OutOfSpaceError, match=refusal(resume if full == "resume" else out, what)):
-        train.finetune(FinetuneConfig(batch_size=16, epochs=1, warmup_epochs=0.5), shape, built["prepared"], out, 0,
-                       built["pretrained"] / "encoder.pth", resume, "fp")  # fmt: skip
+        if stage == "pretrain":
+            pretrain_train.pretrain(PretrainConfig(**TINY_MAE), part_shards, out, resume)
+        else:
+            shape = {k: tiny_stages.TINY_VIT[k] for k in finetune_train.SHAPE_KEYS}
+            finetune_train.finetune(FinetuneConfig(batch_size=16, epochs=1, warmup_epochs=0.5), shape, built["prepared"],
+                                    out, 0, built["pretrained"] / "encoder.pth", resume, "fp")  # fmt: skip
     assert nothing_in(tmp_path / "a") == [] and nothing_in(tmp_path / "b") == []

@@ -79,6 +79,13 @@ def pretrained(root: Path) -> Path:
     return path
 
 
+def every_output(root: Path) -> dict[str, Path]:
+    """Prepared data, teacher, part learner and a pretrained encoder, each a finished stage output under ``root``."""
+    prepared_dir, teacher_dir = prepared(root), teacher(root)
+    return {"prepared": prepared_dir, "teacher": teacher_dir, "parts": parts(root, prepared_dir, teacher_dir),
+            "pretrained": pretrained(root)}  # fmt: skip
+
+
 # Two runs started at the same instant: each process imports everything first, then waits for a file.
 STARTER = """
 import sys, time
