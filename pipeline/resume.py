@@ -23,6 +23,7 @@ import hashlib
 import io
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -91,13 +92,18 @@ def exclusive_run(directory: str | Path, stage: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _holder(path: Path) -> Optional[int]:
-    """The pid the lock's holder wrote (None if it has not written it yet)."""
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+def _holder(path: Path, wait: float = 1.0) -> Optional[int]:
+    """The pid the lock's holder wrote; it writes it just after locking, so wait up to ``wait`` seconds for it
+    (None if it never appears)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit() or time.monotonic() > deadline:
+            return int(text) if text.isdigit() else None
+        time.sleep(0.01)
 
 
 class ResumeStore:

@@ -42,7 +42,7 @@ def _run(cfg: FinetuneConfig, shape: dict, prepared: Path, out: Path, seed: int,
         start = time.perf_counter()
         result = train.finetune(cfg, shape, prepared, out, seed, encoder, resume, fp, curve_log,
                                 curve_log.rows if curve_log else None)  # fmt: skip
-        if result:
+        if result and main:  # every rank returns the metrics; rank 0 alone writes them
             seconds = time.perf_counter() - start
             trained = (result["epochs"] - result["resumed_from_epoch"]) * result["steps"] // result["epochs"]
             result |= {"variant": name.rsplit("-", 1)[0], "seconds": round(seconds, 1),
