@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-exec python -m pytest "$@"
+# two or more worker processes (pytest-xdist; one per core): most tests run one thread each. `-n 0` runs in
+# this process (a pdb session, say); a later -n overrides this one
+exec python -m pytest -n "${SEMMAE_TEST_WORKERS:-auto}" --dist worksteal "$@"
