@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import write_params
 from pipeline.io import atomic_output_dir, atomic_write_bytes, file_sha256
@@ -42,6 +43,7 @@ def valid_shard_set(out: Path) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_shards_never_leaves_a_partial_output(fake_fmnist, tmp_path):
     root, _ = fake_fmnist
     write_params(tmp_path / "params.yaml", prepare={"root": str(root), "train_limit": 250, "val_limit": 120, "holdout_size": 50,

@@ -40,6 +40,7 @@ def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["extract", "export_parts"])
 def test_two_runs_on_one_output_both_succeed_with_a_whole_output(built, tmp_path, stage):
     """Before: both wrote the fixed .<out>.tmp, and one deleted or renamed the other's files mid-run."""

@@ -83,6 +83,7 @@ def test_a_damaged_sample_fails_naming_shard_and_key_or_is_skipped_and_counted(s
     assert keys_seen == 96  # the batch was filled from the next sample: the epoch is as long as ever
 
 
+@pytest.mark.slow
 def test_the_error_survives_loader_worker_processes(shards):
     _, paths, counts = shards
     damage_sample(Path(paths[0]), KEY, DAMAGE["undecodable_image"][0])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import write_params
@@ -30,6 +31,7 @@ def semmae(cwd: Path, *args: str, procs: int = 1, env: dict | None = None) -> su
     return res
 
 
+@pytest.mark.slow
 def test_teacher_knn_and_linprobe_reference_under_two_processes_equal_one(fake_fmnist, tmp_path):
     root, _ = fake_fmnist
     # 3 train shards + 2 val shards: the two ranks get different numbers of shards. prepare is a one-process

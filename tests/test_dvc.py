@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # DVC end to end
 
 BIN = Path(sys.executable).parent
 

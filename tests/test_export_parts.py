@@ -188,6 +188,7 @@ def test_attention_heads_method_exports_head_ids(stages, tmp_path):
     assert len(np.unique(expected)) == 2  # both heads win somewhere: a constant map would not pass by chance
 
 
+@pytest.mark.slow
 def test_export_under_two_processes_equals_one(stages, tmp_path):
     import os
     import subprocess
@@ -258,6 +259,7 @@ def test_random_teacher_method_reads_its_own_random_vit(stages, tmp_path):
         assert metrics["parts"][key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_killed_part_learner_training_resumes_to_the_same_parts(stages, tmp_path):
 
     import json

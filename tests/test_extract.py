@@ -93,6 +93,7 @@ def test_bad_teacher_fails_before_output(setup, tmp_path):
     assert not (tmp_path / "f").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(setup, tmp_path):
     prepared, teacher = setup
     write_params(tmp_path / "params.yaml", extract={"batch_size": 8})

@@ -105,6 +105,7 @@ def test_variants_of_one_seed_share_head_init_and_batches(prepared, tmp_path):
     assert not torch.equal(heads[0], heads[2]) and not torch.equal(batches[0][0], batches[2][0])
 
 
+@pytest.mark.slow
 def test_stage_reports_val_and_holdout_and_writes_curves(prepared, tmp_path):
     enc = fake_pretrain(tmp_path / "pre")
     stage(tmp_path, prepared, "a", enc)
@@ -125,6 +126,7 @@ def test_stage_reports_val_and_holdout_and_writes_curves(prepared, tmp_path):
     assert json.loads((tmp_path / "s" / "m.json").read_text())["pretrained"] is False
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_model_as_an_unbroken_run(prepared, tmp_path):
     enc = fake_pretrain(tmp_path / "pre")
     stage(tmp_path, prepared, "unbroken", enc, epochs=3)
@@ -174,6 +176,7 @@ def test_whole_file_check_covers_the_finetune_section(tmp_path):
     assert any("finetune.mixup" in e for e in check_params(path).errors)
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_share_the_batch_and_the_evaluation(prepared, tmp_path):
     """Under torchrun each rank trains on its half of the global batch (DDP averages the gradients) and
     evaluates its share of the shards; the counts summed over the ranks give one process's accuracy

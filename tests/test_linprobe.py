@@ -174,6 +174,7 @@ def test_eval_crop_pct_resizes_then_centre_crops():
         to_square(img, 16, crop_pct=1.5)
 
 
+@pytest.mark.slow
 def test_killed_probe_resumes_to_the_same_head(fake_fmnist, tmp_path):
     from pipeline.config import PrepareConfig
     from pipeline.data.prepare import prepare_dataset

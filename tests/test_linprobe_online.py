@@ -158,6 +158,7 @@ def semmae(cwd: Path, *args: str, procs: int = 1) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_online_probe_under_two_processes_equals_one(fake_fmnist, tmp_path):
     """The same global batches: 1 process with 2 loader workers reads streams 0 and 1 as its two loader
     batches per step, 2 processes read one stream each; the gathered features and hence the heads (augmented

@@ -217,6 +217,7 @@ def kill_after_first_checkpoint(tmp_path: Path, part_shards: Path, name: str, **
     sigkill_after_first_checkpoint(proc, tmp_path / name / "resume" / "last.pth", tmp_path / name / "out")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path, part_shards):
     run_stage(tmp_path, part_shards, "unbroken", steps_per_epoch=6)
     kill_after_first_checkpoint(tmp_path, part_shards, "broken", steps_per_epoch=6)
@@ -228,6 +229,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path, par
     assert not any((tmp_path / "broken" / "resume").iterdir())  # a finished run leaves nothing to resume
 
 
+@pytest.mark.slow
 def test_changed_params_do_not_resume_a_stale_run(tmp_path, part_shards):
     kill_after_first_checkpoint(tmp_path, part_shards, "r", steps_per_epoch=6)
     run_stage(tmp_path, part_shards, "r", steps_per_epoch=6, base_lr=2e-3)
@@ -268,6 +270,7 @@ def curve(path: Path) -> np.ndarray:
     return np.array([[float(v) for v in r] for r in rows[1:]])[:, rows[0].index("loss")]
 
 
+@pytest.mark.slow
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path, part_shards):
     """Same global batch (16) on 1 process, on 2 processes (torchrun, gloo), and on 1 process with 2
     accumulation steps: with a fixed loader_streams, the same samples, crops and masks, so the same run."""

@@ -212,6 +212,7 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_advice_and_publishes_nothing
     assert [p for p in leftovers(tmp_path) if not p.startswith(".c.tsv.")] == []  # (the curves' rows so far are staged)
 
 
+@pytest.mark.slow
 def test_a_batch_the_ranks_and_accumulation_cannot_split_fails_before_any_compute(tmp_path, shards):
     """batch_size 12 with accum_steps 4 is valid in one process (micro-batch 3) but not over 2 torchrun ranks."""
     common = {**RUN, "batch_size": 12, "accum_steps": 4}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.resume import ResumeStore, fingerprint
@@ -42,6 +43,7 @@ for epoch in range(start + 1, start + 10_000):
 """
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_never_loses_the_newest_completed_state(tmp_path):
     """A process saving 4 MB states back to back is SIGKILLed at random moments (mostly inside save:
     torch.save, the temporary write, the two renames). After every kill each checkpoint under a final

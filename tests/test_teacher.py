@@ -217,6 +217,7 @@ def run_teacher(cwd, name: str, wait: bool = True):
                       "--curves", f"{name}/c.tsv", "--resume", f"{name}/resume", wait=wait)
 
 
+@pytest.mark.slow
 def test_killed_teacher_training_resumes_to_the_same_teacher(prepared, tmp_path):
     from conftest import sigkill_after_first_checkpoint, write_params
 
