@@ -155,8 +155,3 @@ def run_semmae(cwd: Path, *args: str, wait: bool = True):
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
-
-def pytest_collection_modifyitems(config, items):
-    """The longest test (the default DAG through DVC, minutes) first: with several workers (scripts/test.sh runs
-    pytest-xdist) it then overlaps the rest of the suite instead of starting last."""
-    items.sort(key=lambda item: item.nodeid != "tests/test_dvc.py::test_dvc_repro_default_dag_runs_once_with_a_teacher_that_beats_random")

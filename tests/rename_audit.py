@@ -4,6 +4,7 @@ the process's torchrun ``RANK``. Tests use it to show that rank 0 alone put a st
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 SITECUSTOMIZE = """import os, sys
@@ -24,7 +25,8 @@ def audit_env(root: Path) -> tuple[dict, Path]:
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     log = root / "renames.tsv"
-    return {"PYTHONPATH": str(site), "SEMMAE_TEST_RENAMES": str(log)}, log
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))  # keep the caller's (a worktree's)
+    return {"PYTHONPATH": path, "SEMMAE_TEST_RENAMES": str(log)}, log
 
 
 def renames_onto(log: Path, *names: str) -> list[tuple[str, str]]:
