@@ -306,3 +306,17 @@ def test_the_study_preset_is_the_default_with_more_seeds_and_longer_training():
     assert changed == {"pretrain.seeds", "pretrain.common.epochs", "finetune.epochs", "finetune.warmup_epochs"}
     assert len(study["pretrain.seeds"]) >= 3 and {"semantic", "random"} <= set(
         yaml.safe_load((REPO / "configs" / "fmnist-study.yaml").read_text())["pretrain"]["variants"])
+
+
+def test_the_strategies_preset_is_the_default_with_seeds_and_the_four_strategies():
+    """The four-way comparison reuses everything upstream of pretraining (and the default's seed-0 runs) from a
+    shared DVC cache: only the seeds and the variants differ, and each strategy has a variant."""
+    default = flat(yaml.safe_load((REPO / "params.yaml").read_text()))
+    preset = yaml.safe_load((REPO / "configs" / "fmnist-strategies.yaml").read_text())
+    strategies = flat(preset)
+    changed = {k for k in default if default[k] != strategies[k]}
+    added = set(strategies) - set(default)
+    assert changed == {"pretrain.seeds"} and len(strategies["pretrain.seeds"]) >= 3
+    assert added == {"pretrain.variants.block.masking", "pretrain.variants.attention.masking"}
+    masking = {over["masking"] for over in preset["pretrain"]["variants"].values()}
+    assert masking == {"semantic", "random", "block", "attention"}

@@ -37,10 +37,23 @@ class PretrainConfig(StageConfig):
         "pixels", description="input: patches of the ImageNet-normalised model input (MAE's code); pixels: patches of "
         "the [0, 1] pixels (a grey image then has colourless targets; see docs/stages.md, pretrain figures).")
     # masking
-    masking: Literal["semantic", "random"] = Field(
-        "semantic", description="semantic: SemMAE's part-guided masking; random: plain MAE."
+    masking: Literal["semantic", "random", "block", "attention"] = Field(
+        "semantic", description="semantic: SemMAE's part-guided masking; random: plain MAE; block: BEiT's blockwise "
+        "masking; attention: AttMask, by the teacher's CLS attention stored in the part shards (docs/method.md)."
     )
     mask_ratio: float = Field(0.75, gt=0, lt=1)
+    attention_mode: Literal["high", "low", "hint"] = Field(
+        "hint", description="masking=attention only. high: mask the most attended patches; low: the least attended; "
+        "hint: the most attended, but reveal a random share of the top ones (AttMask-Hint, the AttMask code's default)."
+    )
+    hint_share: float = Field(
+        0.1, ge=0, lt=1, description="attention_mode=hint: the top share of patches the hints are drawn from "
+        "(AttMask's show_max); hint_share x mask_ratio of all patches are revealed from it."
+    )
+    block_min_patches: int = Field(16, gt=0, description="masking=block: the smallest block, in patches (BEiT: 16).")
+    block_min_aspect: float = Field(
+        0.3, gt=0, le=1, description="masking=block: block aspect ratios are log-uniform in [this, 1/this] (BEiT: 0.3)."
+    )
     schedule: Literal["curriculum", "reversed", "fixed"] = Field(
         "curriculum", description="semantic only. alpha = (t/T)^gamma, 1 - (t/T)^gamma, or the fixed alpha."
     )
@@ -115,6 +128,10 @@ class PretrainConfig(StageConfig):
                 raise ValueError(f"{key}={dim} is not a multiple of {head_key}={heads}")
         if self.shards_url is not None and "{path}" not in self.shards_url:
             raise ValueError(f"shards_url={self.shards_url!r} has no '{{path}}' placeholder")
+        masked = self.grid**2 - int(self.grid**2 * (1 - self.mask_ratio))
+        if self.masking == "block" and self.block_min_patches > masked:
+            raise ValueError(f"block_min_patches={self.block_min_patches} exceeds the {masked} patches masked per image "
+                             f"({self.grid}x{self.grid} grid, mask_ratio={self.mask_ratio}): lower it")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
         return self

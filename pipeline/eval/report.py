@@ -210,7 +210,8 @@ def render_markdown(rows: list[dict], comparisons: list[dict], context: dict, ba
 def row_label(name: str) -> str:
     """How a row is named in tables and plots: the variants SemMAE compares get their method's name, so the
     MAE baseline ("random" masking) is never confused with the "random encoder" reference."""
-    return {"semantic": "SemMAE (semantic masking)", "random": "MAE (random masking)"}.get(name, name)
+    return {"semantic": "SemMAE (semantic masking)", "random": "MAE (random masking)", "block": "BEiT (block masking)",
+            "attention": "AttMask (attention masking)"}.get(name, name)
 
 
 def render_csv(rows: list[dict]) -> str:
