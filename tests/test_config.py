@@ -136,3 +136,32 @@ def test_holdout_and_probe_grid_keys(tmp_path):
     assert any("'linprobe.batch_size' = 59001 exceeds the 59000 train images" in e for e in check_params(path).errors)
     write_params(path, prepare={"holdout_size": 59_991})
     assert any("'prepare.holdout_size' = 59991 leaves no training image" in e for e in check_params(path).errors)
+
+
+@pytest.mark.parametrize(
+    ("over", "expected"),
+    [
+        ({"masking": "beit"}, ["pretrain.variants.v.masking", "'semantic', 'random', 'block' or 'attention'"]),
+        ({"masking": "attention", "attention_mode": "top"}, ["attention_mode", "'high', 'low' or 'hint'"]),
+        ({"masking": "attention", "hint_share": 1.0}, ["hint_share", "less than 1"]),
+        ({"masking": "attention", "hint_share": 0.5}, ["hint_share=0.5 reveals 24 hints", "16 visible", "lower hint_share"]),
+        ({"masking": "block", "block_min_patches": 49}, ["block_min_patches=49", "48 patches masked", "lower it"]),
+        ({"masking": "block", "block_min_aspect": 0.0}, ["block_min_aspect", "greater than 0"]),
+        ({"masking": "block", "block_min_aspect": 1.5}, ["block_min_aspect", "less than or equal to 1"]),
+    ],
+)
+def test_masking_strategy_keys_are_checked_naming_the_key(tmp_path, over, expected):
+    """Each strategy's keys are validated when the run's config loads (8x8 grid, mask_ratio 0.75: 48 masked,
+    16 visible), naming the key and what to change; the limits themselves pass."""
+    params = write_params(tmp_path / "params.yaml", pretrain={"seeds": [0], "common": {}, "variants": {"v": over}})
+    with pytest.raises(ConfigError) as err:
+        load_pretrain_config(params, "v", 0)
+    for text in expected:
+        assert text in str(err.value)
+    at_limit = {"block_min_patches": 48, "hint_share": 0.3, "block_min_aspect": 1.0}
+    ok = {k: at_limit.get(k, v) for k, v in over.items() if k in at_limit}
+    if ok:
+        strategy = "block" if "block_min_patches" in ok or "block_min_aspect" in ok else "attention"
+        write_params(params, pretrain={"seeds": [0], "common": {}, "variants": {"v": {"masking": strategy, **ok}}})
+        cfg = load_pretrain_config(params, "v", 0)
+        assert all(getattr(cfg, k) == v for k, v in ok.items())

@@ -132,6 +132,11 @@ class PretrainConfig(StageConfig):
         if self.masking == "block" and self.block_min_patches > masked:
             raise ValueError(f"block_min_patches={self.block_min_patches} exceeds the {masked} patches masked per image "
                              f"({self.grid}x{self.grid} grid, mask_ratio={self.mask_ratio}): lower it")
+        keep = self.grid**2 - masked
+        reveal = int(self.hint_share * self.mask_ratio * self.grid**2)
+        if self.masking == "attention" and self.attention_mode == "hint" and reveal > keep:
+            raise ValueError(f"hint_share={self.hint_share} reveals {reveal} hints, more than the {keep} visible patches "
+                             f"({self.grid}x{self.grid} grid, mask_ratio={self.mask_ratio}): lower hint_share")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
         return self
