@@ -7,8 +7,9 @@ A prepared shard set is a directory::
     val/val-000000.tar ...
 
 Each sample holds ``__key__``, the image (``png`` or ``jpg``), ``cls`` (ASCII int) and ``json``
-(source id, original size); part shards add ``parts.npy`` (uint8 part ids on the MAE patch grid). Decoding only ever parses known extensions: nothing from a shard is
-unpickled or executed.
+(source id, original size); part shards add ``parts.npy`` (uint8 part ids on the MAE patch grid) and
+``attn.npy`` (float16, the teacher's CLS attention on the same grid). Decoding only ever parses known
+extensions: nothing from a shard is unpickled or executed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ __all__ = [
     "iter_samples",
     "decode_sample",
     "decode_image",
+    "read_npy_uint8",
+    "read_npy_float16",
     "image_error",
     "IMAGE_ERRORS",
 ]
@@ -245,10 +248,36 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
             out["parts"] = read_npy_uint8(sample["parts.npy"])
         except ValueError as exc:
             raise ShardFormatError(f"{where}: malformed parts.npy ({exc})") from None
+    if "attn.npy" in sample:
+        try:
+            out["attention"] = read_npy_float16(sample["attn.npy"])
+        except ValueError as exc:
+            raise ShardFormatError(f"{where}: malformed attn.npy ({exc})") from None
     return out
 
 
 _NPY_UINT8_HEADER = re.compile(rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+),(?: (\d+))?\), \} *\n")
+_NPY_FLOAT16_HEADER = re.compile(rb"\{'descr': '<f2', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n")
+
+
+def _npy_data(data: bytes, header: re.Pattern, itemsize: int, what: str) -> tuple[tuple[int, ...], int]:
+    """``(shape, data offset)`` of ``.npy`` bytes whose header fully matches ``header`` (its groups: the
+    dimensions) and whose data is exactly ``itemsize`` bytes per element; ValueError otherwise."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy file")
+    if data[6] not in (1, 2, 3):
+        raise ValueError(f"unknown .npy format version {data[6]}")
+    start = 10 if data[6] == 1 else 12  # format 1.0: 2-byte header length; 2.0 and 3.0: 4 bytes
+    end = start + int.from_bytes(data[8:start], "little")
+    if end > len(data):
+        raise ValueError(f"truncated: the header runs to byte {end} of {len(data)}")
+    match = header.fullmatch(data[start:end])
+    if match is None:
+        raise ValueError(f"header {data[start:end].strip()[:200]!r} is not that of {what}")
+    shape = tuple(int(g) for g in match.groups() if g is not None)
+    if len(data) - end != itemsize * math.prod(shape):
+        raise ValueError(f"{len(data) - end} data bytes for shape {shape}")
+    return shape, end
 
 
 def read_npy_uint8(data: bytes) -> np.ndarray:
@@ -259,21 +288,22 @@ def read_npy_uint8(data: bytes) -> np.ndarray:
     gh-106905 and relatives); in pretrain's loader worker processes that surfaced as ``SystemError: AST
     constructor recursion depth mismatch`` in 3 of 25 runs of a test. This reader matches the one header form our part maps have and refuses anything else
     (other dtypes, Fortran order, object arrays) with a ValueError; nothing is parsed as Python."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
-        raise ValueError("not a .npy file")
-    if data[6] not in (1, 2, 3):
-        raise ValueError(f"unknown .npy format version {data[6]}")
-    start = 10 if data[6] == 1 else 12  # format 1.0: 2-byte header length; 2.0 and 3.0: 4 bytes
-    end = start + int.from_bytes(data[8:start], "little")
-    if end > len(data):
-        raise ValueError(f"truncated: the header runs to byte {end} of {len(data)}")
-    match = _NPY_UINT8_HEADER.fullmatch(data[start:end])
-    if match is None:
-        raise ValueError(f"header {data[start:end].strip()[:200]!r} is not that of a 1-D or 2-D C-order uint8 array")
-    shape = tuple(int(g) for g in match.groups() if g is not None)
-    if len(data) - end != math.prod(shape):
-        raise ValueError(f"{len(data) - end} data bytes for shape {shape}")
-    return np.frombuffer(data, np.uint8, offset=end).reshape(shape).copy()
+    shape, offset = _npy_data(data, _NPY_UINT8_HEADER, 1, "a 1-D or 2-D C-order uint8 array")
+    return np.frombuffer(data, np.uint8, offset=offset).reshape(shape).copy()
+
+
+def read_npy_float16(data: bytes) -> np.ndarray:
+    """A 2-D little-endian float16 array (C order, every value finite) from ``.npy`` bytes, as ``np.save``
+    writes the attention maps; anything else (other dtypes or byte order, Fortran order, other ranks,
+    object arrays, NaN or infinity, a length that does not match) is refused with a ValueError. Not
+    ``np.load``, for the reasons :func:`read_npy_uint8` gives."""
+    shape, offset = _npy_data(data, _NPY_FLOAT16_HEADER, 2, "a 2-D C-order little-endian float16 array")
+    out = np.frombuffer(data, "<f2", offset=offset).reshape(shape).astype(np.float16)  # native order, a copy
+    if not np.isfinite(out).all():
+        bad = np.argwhere(~np.isfinite(out))[0]
+        raise ValueError(f"{int((~np.isfinite(out)).sum())} non-finite value(s), the first {out[tuple(bad)]} at "
+                         f"{tuple(int(i) for i in bad)}")  # fmt: skip
+    return out
 
 
 def iter_shard(path: str, expected: Optional[int] = None) -> Iterator[dict[str, Any]]:

@@ -11,8 +11,18 @@ Augmentation is MAE's RandomResizedCrop + horizontal flip, applied *jointly*: th
 covers the image's centred square, as ``export_parts`` computed it) is sampled at the centres of the
 output patches inside the same crop (nearest) and flipped with the image.
 
+Masking guides (``make_loader(guide=...)``), a fifth batch element for the strategies that need more than
+the part map and the noise, computed without any random draw of its own (the crops, flips and noise
+are those of a run without it):
+
+- ``attention``: each sample's teacher attention map (``attn.npy``, exported beside ``parts.npy``)
+  cropped and flipped exactly like its part map, ``float32 [b, grid*grid]`` row-major;
+- ``block``: BEiT's block masks, ``bool [b, grid*grid]``, from each sample's own noise row by
+  :func:`pipeline.mae.masking.block_flags` (BEiT's sequential per-image loop, so here in the loader
+  workers as BEiT does, not on the training device).
+
 Corrupt data (``pretrain.on_corrupt``): a sample that does not decode, lacks an entry, or has a part map
-of the wrong shape or with ids >= N, and a shard that is unreadable or ends before the count its index
+(or, with the attention guide, an attention map) of the wrong shape or with ids >= N, and a shard that is unreadable or ends before the count its index
 records, fail with the shard and sample key named (``fail``), or are skipped (``skip``): the stream
 draws the next sample instead (a skip consumes none of the stream's random draws, so runs stay
 deterministic and resumable) and reports ``(count, reason)`` with its next item; the training loop
@@ -40,9 +50,11 @@ from pipeline.data.shards import (
     iter_shard,
 )
 
-__all__ = ["Crop", "sample_crop", "joint_crop", "PartShardStream", "PartShardLoader", "make_loader", "stream_count", "crop_parts", "decode_part_sample", "fixed_images"]
+__all__ = ["Crop", "sample_crop", "joint_crop", "PartShardStream", "PartShardLoader", "make_loader", "stream_count",
+           "crop_parts", "decode_part_sample", "fixed_images", "GUIDES", "require_attention", "checked_attention"]  # fmt: skip
 
 Crop = tuple[float, float, float, float]  # top, left, height, width inside the centred square, pixels
+GUIDES = (None, "attention", "block")  # make_loader's extra batch element
 
 
 def sample_crop(side: float, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator) -> Crop:
@@ -77,7 +89,8 @@ def joint_crop(img: Image.Image, parts: np.ndarray, size: int, grid: int, crop: 
 
 def crop_parts(parts: np.ndarray, side: float, crop: Crop, grid: int, flip: bool) -> np.ndarray:
     """The part map ``parts [g, g]`` (covering a ``side``-pixel square) sampled at the centres of the
-    ``grid x grid`` output patches of ``crop`` (nearest), flipped with the image: ``uint8 [grid, grid]``."""
+    ``grid x grid`` output patches of ``crop`` (nearest), flipped with the image: ``[grid, grid]`` of
+    ``parts``' dtype (the attention maps go the same way)."""
     top, left, ch, cw = crop
     centres = (np.arange(grid) + 0.5) / grid
     g = parts.shape[0]
@@ -105,6 +118,32 @@ def checked_part_sample(raw: dict, num_parts: int, grid: Optional[int] = None) -
     return s, parts, where
 
 
+def checked_attention(s: dict, parts: np.ndarray, where: str) -> np.ndarray:
+    """The attention map of a decoded sample ``s``, float16 ``[g, g]`` like its part map ``parts``;
+    ShardFormatError naming the sample when it is missing or of another shape."""
+    attn = s.get("attention")
+    if attn is None:
+        raise ShardFormatError(f"{where}: no attn.npy: these part shards were exported without attention maps "
+                               "(rerun export_parts: dvc repro export_parts)")  # fmt: skip
+    if attn.shape != parts.shape:
+        raise ShardFormatError(f"{where}: attn.npy is {'x'.join(map(str, attn.shape))}, its parts.npy "
+                               f"{parts.shape[0]}x{parts.shape[1]}: the shards are corrupt (dvc repro export_parts)")  # fmt: skip
+    return attn
+
+
+def require_attention(index: dict, where) -> None:
+    """Refuse a part shard set (``where``: its directory) whose ``index.json`` records no attention maps:
+    it was exported before they existed, so attention-guided masking has nothing to read."""
+    entry = index.get("attention")
+    if not isinstance(entry, dict):
+        raise ShardFormatError(f"{where}/index.json records no teacher attention maps (part shards exported before "
+                               "attention-guided masking): rerun export_parts (dvc repro export_parts)")  # fmt: skip
+    if list(entry.get("grid", [])) != list(index.get("grid", [])) or entry.get("dtype") != "float16":
+        raise ShardFormatError(f"{where}/index.json: attention maps {entry.get('dtype')} {entry.get('grid')} do not "
+                               f"match the part grid {index.get('grid')} as float16: rerun export_parts "
+                               "(dvc repro export_parts)")  # fmt: skip
+
+
 def decode_part_sample(raw: dict, num_parts: int, grid: Optional[int] = None) -> tuple[Image.Image, np.ndarray, int, str]:
     """Strictly decode one ``export_parts`` sample: image, part map ``uint8 [g, g]`` with ids < N, label, key."""
     s, parts, where = checked_part_sample(raw, num_parts, grid)
@@ -124,7 +163,8 @@ def _undecoded(s: dict, where: str) -> tuple[bytes | np.ndarray, tuple[int, int]
 
 class PartShardStream(IterableDataset):
     """One epoch of one rank's data as items ``(images uint8 [b, 3, S, S], parts uint8 [b, G, G],
-    labels [b], noise float32 [b, noise_dim])``, each item ``b = stream_batch`` samples of one stream.
+    labels [b], noise float32 [b, noise_dim][, guide], skipped)``, each item ``b = stream_batch`` samples
+    of one stream; ``guide`` (see the module docstring) only when ``guide`` is not None.
 
     The data is ``num_streams`` independent streams (a fixed number, not tied to ranks or workers):
     stream ``s`` reads the epoch-shuffled shards ``s, s + num_streams, ...`` with its own generator
@@ -139,7 +179,8 @@ class PartShardStream(IterableDataset):
                  items: int, epoch: int, seed: int, streams: Sequence[int], num_streams: int,
                  scale: Sequence[float], ratio: Sequence[float], hflip: float, shuffle_buffer: int,
                  noise_dim: int, decode: str = "cpu", counts: Optional[Sequence[int]] = None,
-                 on_corrupt: str = "fail") -> None:  # fmt: skip
+                 on_corrupt: str = "fail", guide: Optional[str] = None,
+                 block: Optional[tuple[float, int, float]] = None) -> None:  # fmt: skip
         self.shards, self.num_parts, self.img_size, self.grid = list(shards), num_parts, img_size, grid
         self.counts = list(counts) if counts is not None else [None] * len(self.shards)
         self.skip = on_corrupt == "skip"
@@ -147,6 +188,7 @@ class PartShardStream(IterableDataset):
         self.streams, self.num_streams = list(streams), num_streams
         self.scale, self.ratio, self.hflip, self.shuffle_buffer = scale, ratio, hflip, shuffle_buffer
         self.noise_dim, self.decode = noise_dim, decode
+        self.guide, self.block = guide, block
 
     def _samples(self, picks: list[int], rng: np.random.Generator, skipped: list) -> Iterator[dict]:
         """Raw samples of the shards ``picks``, cycled (reshuffled per pass) through a shuffle buffer."""
@@ -177,13 +219,23 @@ class PartShardStream(IterableDataset):
             buffer = []
 
     def _decoded(self, raw: dict) -> tuple:
-        """Everything of a sample that does not take a random draw; raises ShardFormatError when corrupt."""
-        if self.decode == "cpu":
-            img, ids, label, _ = decode_part_sample(raw, self.num_parts, self.grid)
-            return img, ids, label, min(img.size), None
+        """Everything of a sample that does not take a random draw (its attention map when the guide needs
+        it, else None); raises ShardFormatError when corrupt."""
         s, ids, where = checked_part_sample(raw, self.num_parts, self.grid)
+        attn = checked_attention(s, ids, where) if self.guide == "attention" else None
+        if self.decode == "cpu":
+            img = decode_image(s["image"], mode="", where=where)
+            return img, ids, attn, s["cls"], min(img.size), None
         data, (w, h) = _undecoded(s, where)
-        return data, ids, s["cls"], min(w, h), (w, h, where)
+        return data, ids, attn, s["cls"], min(w, h), (w, h, where)
+
+    def _guide(self, attn: Optional[np.ndarray], side: float, crop: Crop, flip: bool, noise: np.ndarray) -> np.ndarray:
+        """One sample's guide row from what was already drawn (no random draw of its own)."""
+        if self.guide == "attention":
+            return crop_parts(attn, side, crop, self.grid, flip).astype(np.float32).reshape(-1)
+        from pipeline.mae.masking import block_flags  # lazily: the loader workers need numpy only until here
+
+        return np.asarray(block_flags(noise, self.grid, *self.block), dtype=bool).reshape(-1)
 
     def _batches(self, stream: int, order: np.ndarray) -> Iterator[tuple]:
         rng = np.random.default_rng([self.seed, self.epoch, stream])
@@ -192,13 +244,13 @@ class PartShardStream(IterableDataset):
         samples = self._samples(picks, rng, skipped)
         budget = max(1, sum(self.counts[i] or 1 for i in picks))  # bad samples in a row before giving up
         while True:
-            images, parts, labels, noise = [], [], [], []
+            images, parts, labels, noise, guides = [], [], [], [], []
             encoded: list[tuple] = []
             bad_in_a_row = 0
             while len(parts) < self.stream_batch:
                 raw = next(samples)  # outside the try: a stream with nothing readable left fails in any mode
                 try:
-                    data, ids, label, side, jpeg = self._decoded(raw)
+                    data, ids, attn, label, side, jpeg = self._decoded(raw)
                 except ShardFormatError as exc:
                     if not self.skip:
                         raise
@@ -222,9 +274,13 @@ class PartShardStream(IterableDataset):
                 parts.append(p)
                 labels.append(label)
                 noise.append(rng.random(self.noise_dim, dtype=np.float32))
+                if self.guide is not None:
+                    guides.append(self._guide(attn, side, crop, flip, noise[-1]))
             batch = EncodedImages.pack(encoded) if encoded else torch.from_numpy(np.stack(images))
             report, skipped[:] = list(skipped), []
-            yield batch, torch.from_numpy(np.stack(parts)), torch.tensor(labels), torch.from_numpy(np.stack(noise)), report
+            extra = (torch.from_numpy(np.stack(guides)),) if self.guide is not None else ()
+            yield (batch, torch.from_numpy(np.stack(parts)), torch.tensor(labels), torch.from_numpy(np.stack(noise)),
+                   *extra, report)  # fmt: skip
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -242,7 +298,7 @@ def stream_count(num_streams: Optional[int], num_workers: int) -> int:
 
 
 class PartShardLoader:
-    """One epoch of a rank's micro-batches ``(images, parts, labels, noise)``: ``batches`` of ``batch_size``
+    """One epoch of a rank's micro-batches ``(images, parts, labels, noise[, guide])``: ``batches`` of ``batch_size``
     (rank-local) samples, each the concatenation of one item from each of the rank's streams.
     ``skipped`` collects the ``(count, reason)`` of the corrupt samples skipped so far (on_corrupt=skip)."""
 
@@ -274,11 +330,19 @@ def make_loader(shards: Sequence[str], num_parts: int, img_size: int, grid: int,
                 epoch: int, seed: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
                 shuffle_buffer: int, num_workers: int, num_streams: Optional[int] = None,
                 noise_dim: int = 1, decode: str = "cpu", counts: Optional[Sequence[int]] = None,
-                on_corrupt: str = "fail") -> PartShardLoader:  # fmt: skip
+                on_corrupt: str = "fail", guide: Optional[str] = None,
+                block: Optional[tuple[float, int, float]] = None) -> PartShardLoader:  # fmt: skip
     """This rank's ``batches`` micro-batches of ``batch_size`` samples for ``epoch`` (see
     :class:`PartShardStream`); ``counts``: each shard's sample count from the index (a shard that ends
-    early is truncated). Fails, naming the keys to change, when the shards, streams, ranks,
-    workers and batch do not divide."""
+    early is truncated). ``guide``: None (4-element batches), ``"attention"`` or ``"block"`` (a fifth
+    element, see the module docstring; ``block`` = ``(mask_ratio, min_patches, min_aspect)`` for
+    :func:`pipeline.mae.masking.block_flags`). Fails, naming the keys to change, when the shards,
+    streams, ranks, workers and batch do not divide."""
+    if guide not in GUIDES:
+        raise ValueError(f"make_loader guide={guide!r}: expected one of {list(GUIDES)}")
+    if (guide == "block") != (block is not None) or (block is not None and len(block) != 3):
+        raise ValueError(f"make_loader guide={guide!r} with block={block!r}: block=(mask_ratio, min_patches, "
+                         "min_aspect) is required with guide='block' and only then")  # fmt: skip
     world = D.world_size()
     streams = stream_count(num_streams, num_workers)
     workers = max(1, num_workers)
@@ -301,21 +365,30 @@ def make_loader(shards: Sequence[str], num_parts: int, img_size: int, grid: int,
         )
     ds = PartShardStream(shards, num_parts, img_size, grid, batch_size // per_rank, batches, epoch, seed,
                          range(D.rank(), streams, world), streams, scale, ratio, hflip, shuffle_buffer, noise_dim,
-                         decode, counts, on_corrupt)  # fmt: skip
+                         decode, counts, on_corrupt, guide, block)  # fmt: skip
     return PartShardLoader(ds, per_rank, batches, num_workers)
 
 
-def fixed_images(shards: Sequence[str], n: int, num_parts: int, img_size: int, grid: int, skip: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The first ``n`` samples of ``shards`` without augmentation (centred square): images, part maps;
-    ``skip``: pass over corrupt samples and unreadable shards instead of failing."""
+def fixed_images(shards: Sequence[str], n: int, num_parts: int, img_size: int, grid: int, skip: bool = False,
+                 with_attention: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The first ``n`` samples of ``shards`` without augmentation (centred square): images, part maps, and
+    with ``with_attention`` their attention maps ``float32 [n, grid, grid]`` (a sample without one is
+    corrupt); ``skip``: pass over corrupt samples and unreadable shards instead of failing."""
     images: list[np.ndarray] = []
     parts: list[np.ndarray] = []
+    attention: list[np.ndarray] = []
+
+    def stacked() -> tuple[torch.Tensor, ...]:
+        out = (torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(parts)))
+        return out + (torch.from_numpy(np.stack(attention)),) if with_attention else out
+
     for shard in shards:
         try:
             for raw in iter_shard(shard):
                 try:
-                    img, ids, _, _ = decode_part_sample(raw, num_parts, grid)
+                    s, ids, where = checked_part_sample(raw, num_parts, grid)
+                    attn = checked_attention(s, ids, where) if with_attention else None
+                    img = decode_image(s["image"], mode="", where=where)
                 except ShardFormatError:
                     if not skip:
                         raise
@@ -323,11 +396,14 @@ def fixed_images(shards: Sequence[str], n: int, num_parts: int, img_size: int, g
                 x, p = joint_crop(img, ids, img_size, grid, None, False)
                 images.append(x)
                 parts.append(p)
+                if with_attention:
+                    side = float(min(img.size))
+                    attention.append(crop_parts(attn, side, (0.0, 0.0, side, side), grid, False).astype(np.float32))
                 if len(images) == n:
-                    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(parts))
+                    return stacked()
         except ShardFormatError:
             if not skip:
                 raise
     if not images:
         raise ShardFormatError(f"no readable validation sample in {list(shards)[:3]}... for the figures")
-    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(parts))
+    return stacked()
