@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import PretrainConfig
 from pipeline.mae.masking import noise_size
-from pipeline.mae.train import build_mae, make_masking
+from pipeline.mae.strategies import make_masking
+from pipeline.mae.train import build_mae
 
 
 def sync(device: torch.device) -> None:

@@ -91,12 +91,44 @@ def test_random_masking_is_named_mae_and_shows_independent_draws():
     assert method_label(cfg) == "MAE (random masking)"
     masks, caption = mask_columns(cfg, parts, 4)
     assert caption.startswith("MAE (random masking)") and "independent draws" in caption
-    columns = list(masks.values())
-    assert len(columns) == 3 and all(not torch.equal(a, b) for i, a in enumerate(columns) for b in columns[i + 1:])
+    columns = list(masks.values())[:3]
+    assert all(not torch.equal(a, b) for i, a in enumerate(columns) for b in columns[i + 1:])
+    # then the other strategies on the same images (no block column: TINY's 4x4 grid masks 12 < 16 patches;
+    # no attention column: no attention maps given)
+    assert list(masks)[3:] == ["vs. semantic alpha=0", "vs. semantic alpha=1"]
     semantic = PretrainConfig(**TINY)
     assert method_label(semantic).startswith("SemMAE (semantic masking, curriculum")
     titles = list(mask_columns(semantic, parts, 4)[0])
-    assert titles == ["t=0, alpha=0.00", "t=T/2, alpha=0.25", "t=T, alpha=1.00"]
+    assert titles == ["t=0, alpha=0.00", "t=T/2, alpha=0.25", "t=T, alpha=1.00", "vs. random"]
+
+
+def test_every_strategy_shows_its_masks_and_the_others_on_the_same_images():
+    """Each strategy's own columns, then the other strategies' masks: the attention columns mask exactly the
+    most (high) / least (low) attended cells of the given maps, the block column is BEiT's masks of one noise
+    draw (whole rectangles of >= block_min_patches), and every column hides exactly L - len_keep patches."""
+    gen = torch.Generator().manual_seed(0)
+    parts = torch.randint(0, 4, (3, 4, 4), generator=gen)
+    attention = torch.rand(3, 4, 4, generator=gen)  # distinct values: no ties
+    order = attention.flatten(1).argsort(1, descending=True)  # most attended first
+    top12 = torch.zeros(3, 16).scatter_(1, order[:, :12], 1.0)
+    bottom12 = torch.zeros(3, 16).scatter_(1, order[:, 4:], 1.0)
+    for masking in ("semantic", "random", "block", "attention"):
+        cfg = PretrainConfig(**TINY, masking=masking, block_min_patches=4)
+        masks, caption = mask_columns(cfg, parts, 4, attention)
+        assert caption.startswith(method_label(cfg).split(" (")[0])
+        own = {"semantic": 3, "random": 3, "block": 3, "attention": 3}[masking]
+        others = [t for t in ("random", "block", "attention high", "semantic alpha=0", "semantic alpha=1")
+                  if not t.startswith(masking)]
+        assert list(masks)[own:] == [f"vs. {t}" for t in others], masking
+        assert all(bool((m.sum(1) == 12).all()) for m in masks.values()), masking
+        high = masks["attention high" if masking == "attention" else "vs. attention high"]
+        assert torch.equal(high, top12)
+        if masking == "attention":
+            assert torch.equal(masks["attention low"], bottom12)
+            hint = masks["attention hint (run)"]  # the default mode; 4x4: a pool of int(0.1*16) = 1, int(0.1*0.75*16) = 1 revealed
+            assert bool((hint.gather(1, order[:, :1]) == 0).all()) and bool((hint.gather(1, order[:, 12:13]) == 1).all())
+        block = masks["block draw 1" if masking == "block" else "vs. block"]
+        assert not torch.equal(block, masks.get("vs. random", masks.get("random draw 1")))
 
 
 def pretrain_output(root: Path, **overrides) -> Path:
@@ -194,3 +226,21 @@ def test_a_trained_model_reconstructs_grey_images_grey_with_pixel_targets():
         tint[loss_target] = (rec[:, 2] - rec[:, 0])[on_object].mean()  # the signed cast: blue minus red
     assert abs(tint["pixels"]) < 4, f"grey objects reconstruct with a cast of {tint['pixels']:+.1f} levels"
     assert tint["input"] > 10, tint  # MAE's target space: the blue cast, on the same model and images
+
+
+@pytest.mark.parametrize("masking", ["block", "attention"])
+def test_stage_draws_block_and_attention_runs_with_every_strategy_column(tmp_path, masking):
+    """The figure stage of a block or attention run, on part shards that hold attention maps: 2 + 3 own + 4
+    comparison columns; an attention run given shards without attention maps is refused, naming the fix."""
+    shards = make_part_shards(tmp_path / "shards", n_train=8, n_val=4, attention=True)
+    run = pretrain_output(tmp_path / "run", masking=masking, block_min_patches=4)
+    res = figure_stage(run, shards, tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    with Image.open(tmp_path / "out" / "curriculum_masks.png") as png:
+        assert png.size[0] >= 9 * 112
+    plain = make_part_shards(tmp_path / "plain", n_train=8, n_val=4)
+    res = figure_stage(run, plain, tmp_path / "out2")
+    if masking == "attention":
+        assert res.exit_code != 0 and "no attention maps" in res.output and "export_parts" in res.output
+    else:
+        assert res.exit_code == 0, res.output  # without attention maps the comparison skips that column

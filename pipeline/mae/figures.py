@@ -31,7 +31,8 @@ from pipeline.errors import PipelineError
 from pipeline.figures import overlay, render_grid, upscale
 from pipeline.io import atomic_write_bytes, file_sha256
 from pipeline.mae.data import fixed_images
-from pipeline.mae.masking import Masking, curriculum_alpha, random_masking, semantic_masking
+from pipeline.mae.masking import Masking, curriculum_alpha
+from pipeline.mae.strategies import make_masking
 from pipeline.mae.model import MaskedAutoencoder, build_mae
 
 __all__ = ["FigureError", "MASK_COLOUR", "FIGURES", "method_label", "masked_view", "reconstruction_pixels",
@@ -62,18 +63,23 @@ def _generator(device: torch.device, seed: int, *stream: int) -> torch.Generator
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _masking(cfg: PretrainConfig, parts: torch.Tensor, alpha: float, num_parts: int, generator: torch.Generator) -> Masking:
-    """The run's masking (random, or semantic at ``alpha``) of images with part maps ``parts [B, G, G]``."""
-    ids = parts.flatten(1).long()
-    if cfg.masking == "random":
-        return random_masking(ids.shape[0], ids.shape[1], cfg.mask_ratio, generator, ids.device)
-    return semantic_masking(ids, cfg.mask_ratio, alpha, num_parts, generator)
+def _masking(cfg: PretrainConfig, parts: torch.Tensor, alpha: float, num_parts: int, generator: torch.Generator,
+             attention: Optional[torch.Tensor] = None) -> Masking:  # fmt: skip
+    """The masking ``cfg.masking`` trains with, of images with part maps ``parts [B, G, G]`` (semantic: at
+    ``alpha``) and teacher attention maps ``attention [B, G, G]`` (attention masking), drawn from ``generator``."""
+    guide = attention.flatten(1) if cfg.masking == "attention" else None
+    return make_masking(cfg, parts, alpha, num_parts, generator, guide=guide)
 
 
 def method_label(cfg: PretrainConfig) -> str:
     """How figures name the run's method: the baseline is "MAE (random masking)", not a random encoder."""
     if cfg.masking == "random":
         return "MAE (random masking)"
+    if cfg.masking == "block":
+        return f"BEiT (block masking, blocks >= {cfg.block_min_patches} patches)"
+    if cfg.masking == "attention":
+        hint = f", hints from the top {cfg.hint_share:.0%}" if cfg.attention_mode == "hint" else ""
+        return f"AttMask (attention masking, {cfg.attention_mode}{hint})"
     schedule = {"curriculum": f"curriculum alpha=(t/T)^{cfg.gamma:g}", "reversed": f"reversed alpha=1-(t/T)^{cfg.gamma:g}",
                 "fixed": f"fixed alpha={cfg.alpha:g}"}[cfg.schedule]  # fmt: skip
     return f"SemMAE (semantic masking, {schedule})"
@@ -124,7 +130,7 @@ def reconstruction_figure(model: MaskedAutoencoder, cfg: PretrainConfig, images:
     rows = [[upscale(images[i].numpy(), size, bicubic), overlay(images[i].numpy(), parts[i].numpy(), size),
              masked_view(images[i].numpy(), mask[i], cfg.grid, size), upscale(rec[i], size, bicubic),
              upscale(pasted[i], size, bicubic)] for i in range(len(images))]  # fmt: skip
-    at = "" if cfg.masking == "random" else f" (the masking of t=T, alpha={alpha:.2f})"
+    at = f" (the masking of t=T, alpha={alpha:.2f})" if cfg.masking == "semantic" else ""
     caption = (f"{method_label(cfg)}, seed {cfg.seed}: reconstructions of {len(images)} validation images, "
                f"{cfg.mask_ratio:.0%} of the patches masked{at}; magenta = masked patch")  # fmt: skip
     if cfg.norm_pix_loss:
@@ -146,27 +152,56 @@ def curriculum_figure(cfg: PretrainConfig, images: torch.Tensor, parts: torch.Te
     return render_grid(rows, ["image", "part map", *masks], caption)
 
 
-def mask_columns(cfg: PretrainConfig, parts: torch.Tensor, num_parts: int) -> tuple[dict[str, torch.Tensor], str]:
-    """The curriculum figure's mask columns and its caption.
+def mask_columns(cfg: PretrainConfig, parts: torch.Tensor, num_parts: int,
+                 attention: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], str]:  # fmt: skip
+    """The curriculum figure's mask columns and its caption: first the run's own masks, then every other
+    strategy's masks of the same images, for comparison.
 
-    Semantic masking: the masks at t = 0, T/2 and T of the schedule, from one noise draw, so the columns
-    differ by alpha alone. Random masking has no schedule (its masks do not depend on t): three
-    independent draws instead, which show what changes from one step to the next.
+    The run's own: semantic masking at t = 0, T/2 and T of the schedule, from one noise draw, so the columns
+    differ by alpha alone; random and block masking have no schedule (masks do not depend on t), so three
+    independent draws, which show what changes from one step to the next; attention masking its three modes
+    (high, low, hint; the run's mode is marked). The comparison columns come from one further noise draw
+    (stream 3) shared by all of them: random, BEiT block, AttMask high (when the shards hold attention maps,
+    i.e. ``attention`` is given) and semantic at alpha = 0 and 1.
     """
     device = parts.device
-    if cfg.masking == "random":
-        masks = {f"random draw {k}": _masking(cfg, parts, 0.0, num_parts, _generator(device, cfg.seed, 2, k)).mask
-                 for k in (1, 2, 3)}  # fmt: skip
-        caption = (f"{method_label(cfg)}, seed {cfg.seed}: masks do not change during training, so the columns are "
-                   f"three independent draws of {cfg.mask_ratio:.0%} of the patches; magenta = masked patch")  # fmt: skip
-        return masks, caption
-    masks = {}
-    for name, t in (("t=0", 0.0), ("t=T/2", 0.5), ("t=T", 1.0)):
-        a = curriculum_alpha(t, cfg.schedule, cfg.gamma, cfg.alpha)
-        masks[f"{name}, alpha={a:.2f}"] = _masking(cfg, parts, a, num_parts, _generator(device, cfg.seed, 2)).mask
-    caption = (f"{method_label(cfg)}, seed {cfg.seed}: masks at the start, middle and end of training (one noise "
-               "draw, so the columns differ by alpha alone: 0 = a share of every part, 1 = whole parts); "
-               "magenta = masked patch")  # fmt: skip
+    run = method_label(cfg)
+    masks: dict[str, torch.Tensor] = {}
+    if cfg.masking in ("random", "block"):
+        for k in (1, 2, 3):
+            draw = _generator(device, cfg.seed, 2, k)
+            masks[f"{cfg.masking} draw {k}"] = _masking(cfg, parts, 0.0, num_parts, draw).mask
+        own = (f"three independent draws of the run's masks ({cfg.mask_ratio:.0%} of the patches; they do not "
+               "change during training)")
+    elif cfg.masking == "attention":
+        for mode in ("high", "low", "hint"):
+            other = cfg.model_copy(update={"attention_mode": mode})
+            title = f"attention {mode}" + (" (run)" if mode == cfg.attention_mode else "")
+            masks[title] = _masking(other, parts, 0.0, num_parts, _generator(device, cfg.seed, 2), attention).mask
+        own = "the three attention modes of AttMask on the teacher's attention (the run's mode marked)"
+    else:
+        for name, t in (("t=0", 0.0), ("t=T/2", 0.5), ("t=T", 1.0)):
+            a = curriculum_alpha(t, cfg.schedule, cfg.gamma, cfg.alpha)
+            masks[f"{name}, alpha={a:.2f}"] = _masking(cfg, parts, a, num_parts, _generator(device, cfg.seed, 2)).mask
+        own = ("masks at the start, middle and end of training (one noise draw, so the columns differ by alpha "
+               "alone: 0 = a share of every part, 1 = whole parts)")  # fmt: skip
+    others = [("random", {"masking": "random"}, 0.0), ("block", {"masking": "block"}, 0.0)]
+    if attention is not None:
+        others.append(("attention high", {"masking": "attention", "attention_mode": "high"}, 0.0))
+    others += [("semantic alpha=0", {"masking": "semantic"}, 0.0), ("semantic alpha=1", {"masking": "semantic"}, 1.0)]
+    compared = []
+    for title, update, a in others:
+        if update["masking"] == cfg.masking:
+            continue  # the run's own strategy is already shown
+        masked = cfg.grid**2 - int(cfg.grid**2 * (1 - cfg.mask_ratio))
+        if update["masking"] == "block" and cfg.block_min_patches > masked:
+            continue  # the run's block_min_patches (unused by its own strategy) exceeds the masked count: no column
+        other = cfg.model_copy(update=update)
+        masks[f"vs. {title}"] = _masking(other, parts, a, num_parts, _generator(device, cfg.seed, 3), attention).mask
+        compared.append(title)
+    missing = "" if attention is not None else " (no attention column: these part shards hold no attention maps)"
+    caption = (f"{run}, seed {cfg.seed}: {own}; then, for comparison, the masks of {', '.join(compared)} on the "
+               f"same images (one shared noise draw){missing}; magenta = masked patch")  # fmt: skip
     return masks, caption
 
 
@@ -176,13 +211,20 @@ def render_pretrain_figures(model: MaskedAutoencoder, cfg: PretrainConfig, num_p
     (``model`` is put in eval mode)."""
     skip = cfg.on_corrupt == "skip"
     val = [e.path for e in shard_entries(part_shards, "val", PARTS_FORMAT, url=cfg.shards_url, check_sizes=not skip)]
-    images, parts = fixed_images(val, cfg.num_figure_images, num_parts, cfg.img_size, cfg.grid, skip=skip)
+    with_attention = "attention" in read_index(part_shards, PARTS_FORMAT)
+    if cfg.masking == "attention" and not with_attention:
+        raise FigureError(f"{part_shards}/index.json: the run uses attention masking but these part shards hold no "
+                          "attention maps: pass the part shards it was trained on, or rerun export_parts")  # fmt: skip
+    loaded = fixed_images(val, cfg.num_figure_images, num_parts, cfg.img_size, cfg.grid, skip=skip,
+                          with_attention=with_attention)  # fmt: skip
+    images, parts = loaded[0], loaded[1]
     device = next(model.parameters()).device
     parts_d = parts.to(device)
-    alpha = 0.0 if cfg.masking == "random" else curriculum_alpha(1.0, cfg.schedule, cfg.gamma, cfg.alpha)
-    masking = _masking(cfg, parts_d, alpha, num_parts, _generator(device, cfg.seed, 1))
+    attention = loaded[2].to(device) if with_attention else None
+    alpha = curriculum_alpha(1.0, cfg.schedule, cfg.gamma, cfg.alpha) if cfg.masking == "semantic" else 0.0
+    masking = _masking(cfg, parts_d, alpha, num_parts, _generator(device, cfg.seed, 1), attention)
     reconstruction = reconstruction_figure(model.eval(), cfg, images, parts, masking, alpha)
-    masks, caption = mask_columns(cfg, parts_d, num_parts)
+    masks, caption = mask_columns(cfg, parts_d, num_parts, attention)
     return {"reconstruction.png": reconstruction, "curriculum_masks.png": curriculum_figure(cfg, images, parts, masks, caption)}
 
 

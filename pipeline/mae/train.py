@@ -33,21 +33,16 @@ from pipeline.data.images import normalize
 from pipeline.data.shards import PARTS_FORMAT, ShardFormatError, ShardSizeError, read_index, shard_entries
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_output_dir, atomic_write_bytes, ensure_free_space, file_sha256, json_bytes
-from pipeline.mae.data import make_loader
+from pipeline.mae.data import make_loader, require_attention
 from pipeline.mae.decode import EncodedImages, decode_crop
-from pipeline.mae.masking import (
-    Masking,
-    curriculum_alpha,
-    random_masking,
-    noise_size,
-    semantic_masking,
-)
+from pipeline.mae.masking import Masking, curriculum_alpha, noise_size
+from pipeline.mae.strategies import loader_guide, make_masking
 from pipeline.mae.model import MaskedAutoencoder, build_mae
 from pipeline.models.checkpoint import save_backbone, save_timm_export
 from pipeline.resume import ResumeStore, fingerprint
 from pipeline.schedule import warmup_cosine
 
-__all__ = ["build_mae", "lr_at", "alpha_at", "make_masking", "seeded_generator", "pretrain", "save_state", "TrainingError"]
+__all__ = ["build_mae", "lr_at", "alpha_at", "seeded_generator", "pretrain", "save_state", "TrainingError"]
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +57,15 @@ def lr_at(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def alpha_at(cfg: PretrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The curriculum's alpha at optimiser ``step`` (see ``curriculum_unit``); 0 for random masking."""
-    if cfg.masking == "random":
+    """The curriculum's alpha at optimiser ``step`` (see ``curriculum_unit``); 0 for the strategies other than
+    semantic masking (the curriculum is semantic-only)."""
+    if cfg.masking != "semantic":
         return 0.0
     if cfg.curriculum_unit == "epoch":
         progress = (step // steps_per_epoch + 1) / cfg.epochs
     else:
         progress = step / (steps_per_epoch * cfg.epochs)
     return curriculum_alpha(progress, cfg.schedule, cfg.gamma, cfg.alpha)
-
-
-def make_masking(cfg: PretrainConfig, parts: torch.Tensor, alpha: float, num_parts: int,
-                 generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> Masking:  # fmt: skip
-    """The masking of a batch with part maps ``parts [B, G, G]`` (ignored by random masking); its
-    randomness is the loader's per-sample ``noise`` when given, else drawn from ``generator``."""
-    ids = parts.flatten(1).long()
-    if cfg.masking == "random":
-        return random_masking(ids.shape[0], ids.shape[1], cfg.mask_ratio, generator, ids.device, noise=noise)
-    return semantic_masking(ids, cfg.mask_ratio, alpha, num_parts, generator, noise=noise)
 
 
 def seeded_generator(device: torch.device, *seeds: int) -> torch.Generator:
@@ -108,6 +94,8 @@ def out_of_memory_advice(cfg: PretrainConfig, micro: int, world: int, device: to
 
 def _check_shards(cfg: PretrainConfig, part_shards: Path) -> dict:
     index = read_index(part_shards, PARTS_FORMAT)
+    if cfg.masking == "attention":
+        require_attention(index, part_shards)
     grid = index["grid"][0]
     if grid != cfg.grid:
         raise ShardFormatError(
@@ -257,10 +245,11 @@ def _training_module(run: _Run) -> torch.nn.Module:
 def _epoch_loader(run: _Run, epoch: int):
     """Epoch ``epoch``'s loader: ``steps_per_epoch x accum_steps`` micro-batches, seeded by (seed, epoch)."""
     cfg = run.cfg
+    guide, block = loader_guide(cfg)
     return make_loader(run.shards, run.num_parts, cfg.img_size, cfg.grid, run.micro,
                        run.steps_per_epoch * cfg.accum_steps, epoch, cfg.seed, cfg.crop_scale, cfg.crop_ratio,
                        cfg.hflip, cfg.shuffle_buffer, cfg.num_workers, cfg.loader_streams, run.noise_dim, cfg.decode,
-                       run.counts, cfg.on_corrupt)  # fmt: skip
+                       run.counts, cfg.on_corrupt, guide=guide, block=block)  # fmt: skip
 
 
 # one epoch
@@ -334,12 +323,13 @@ def _train_step(run: _Run, net: torch.nn.Module, batches, step: int) -> tuple[to
 def _batch_inputs(run: _Run, batch, alpha: float) -> tuple[torch.Tensor, Masking]:
     """A loader micro-batch on the device: the normalised images (decoded here with decode: device)
     and their masking (from the part maps at curriculum ``alpha`` and the loader's noise)."""
-    images, parts, _, noise = batch
+    images, parts, _, noise, *guide = batch
     if isinstance(images, EncodedImages):  # decode: device
         images = decode_crop(images, run.cfg.img_size, run.device)
     x = normalize(images.to(run.device, non_blocking=True).float() / 255)
     masking = make_masking(run.cfg, parts.to(run.device, non_blocking=True), alpha, run.num_parts,
-                           noise=noise.to(run.device, non_blocking=True))  # fmt: skip
+                           noise=noise.to(run.device, non_blocking=True),
+                           guide=guide[0].to(run.device, non_blocking=True) if guide else None)  # fmt: skip
     return x, masking
 
 
