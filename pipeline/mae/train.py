@@ -353,7 +353,7 @@ def _count_skipped(run: _Run, loader, epoch: int, progress: _Progress) -> None:
 
 def _resume_store(cfg: PretrainConfig, part_shards: Path, resume_dir: str | Path) -> ResumeStore:
     """The run's resume checkpoints, tied to its resolved config, its shards' index and this package's code."""
-    code = [Path(__file__).with_name(n).read_bytes() for n in ("data.py", "decode.py", "masking.py", "model.py", "train.py")]
+    code = [Path(__file__).with_name(n).read_bytes() for n in ("data.py", "decode.py", "masking.py", "model.py", "strategies.py", "train.py")]
     return ResumeStore(resume_dir, fingerprint(resolved_config(cfg, "pretrain"), file_sha256(part_shards / "index.json"),
                                                *code))  # fmt: skip
 
