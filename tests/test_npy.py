@@ -10,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.data.shards import ShardFormatError, decode_sample, read_npy_uint8
+from pipeline.data.shards import ShardFormatError, decode_sample, read_npy_float16, read_npy_uint8
 
 UNPICKLED = []
 
@@ -117,3 +117,74 @@ def test_the_error_names_the_sample_and_its_shard():
     assert len(UNPICKLED) == before
     sample["parts.npy"] = GOOD
     assert np.array_equal(decode_sample(sample)["parts"], FULL)
+
+
+# ``read_npy_float16``, the attention maps' reader: the same header parser, for 2-D little-endian float16 only
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+@pytest.mark.parametrize("shape", [(4, 4), (3, 7), (1, 1), (0, 5)])
+def test_float16_what_numpy_writes_reads_back_exactly(version, shape):
+    arr = np.random.default_rng(sum(shape)).random(shape).astype(np.float16)
+    data = npy(arr, version)
+    out = read_npy_float16(data)
+    assert out.dtype == np.float16 and out.shape == shape and np.array_equal(out, arr)
+    assert out.flags.writeable and out.flags.c_contiguous and out.dtype.isnative  # a copy, in native order
+    assert np.array_equal(out, np.load(io.BytesIO(data), allow_pickle=False))
+
+
+F16 = (np.arange(12, dtype=np.float16).reshape(3, 4) + 1) / 64
+GOOD16 = npy(F16)
+
+
+def nonfinite(value: float) -> bytes:
+    arr = F16.copy()
+    arr[1, 2] = value
+    return npy(arr)
+
+
+@pytest.mark.parametrize("data, message", [
+    (npy(F16.astype(">f2")), r"'descr': '>f2'.* is not that of a 2-D C-order little-endian float16 array"),
+    (npy(F16.astype(np.float32)), r"'descr': '<f4'.* is not that of"),
+    (npy(F16.astype(np.uint8)), r"'descr': '\|u1'.* is not that of"),
+    (npy(np.asfortranarray(F16)), r"'fortran_order': True.* is not that of"),
+    (npy(np.zeros((2, 2, 2), np.float16)), r"'shape': \(2, 2, 2\).* is not that of"),
+    (npy(np.zeros(4, np.float16)), r"'shape': \(4,\).* is not that of"),
+    (npy(np.array(np.float16(1))), r"'shape': \(\).* is not that of"),
+    (nonfinite(np.nan), r"1 non-finite value\(s\), the first nan at \(1, 2\)"),
+    (nonfinite(np.inf), r"1 non-finite value\(s\), the first inf at \(1, 2\)"),
+    (nonfinite(-np.inf), r"the first -inf at \(1, 2\)"),
+    (GOOD16[:-1], r"23 data bytes for shape \(3, 4\)"),
+    (GOOD16[:-2], r"22 data bytes for shape \(3, 4\)"),
+    (GOOD16 + b"\x00\x00", r"26 data bytes for shape \(3, 4\)"),
+    (GOOD16[:40], r"truncated: the header runs to byte 128 of 40"),
+    (with_header("{'descr': '<f2', 'fortran_order': False, 'shape': (-2, 2), }", b"abcdefgh"),
+     r"\(-2, 2\).* is not that of"),
+    (with_header("__import__('os').system('touch pwned')"), r"header b\"__import__.* is not that of"),
+    (GOOD16[:6] + b"\x04" + GOOD16[7:], "unknown .npy format version 4"),
+    (b"", "not a .npy file"),
+])  # fmt: skip
+def test_float16_anything_else_is_refused(data, message):
+    with pytest.raises(ValueError, match=message):
+        read_npy_float16(data)
+
+
+def test_float16_an_object_array_is_refused_without_being_unpickled():
+    data = npy(np.array([Trap(), Trap()], dtype=object), allow_pickle=True)
+    before = len(UNPICKLED)
+    with pytest.raises(ValueError, match=r"'\|O'.* is not that of a 2-D C-order little-endian float16 array"):
+        read_npy_float16(data)
+    assert len(UNPICKLED) == before
+
+
+def test_a_malformed_attention_map_is_named_with_its_sample():
+    sample = {"__key__": "train00007", "__url__": "part_shards/train/train-000003.tar", "png": b"\x89PNG", "cls": b"1",
+              "json": b"{}", "parts.npy": GOOD, "attn.npy": nonfinite(np.nan)}  # fmt: skip
+    with pytest.raises(ShardFormatError, match=r"^sample 'train00007' in part_shards/train/train-000003\.tar: malformed "
+                                               r"attn\.npy \(1 non-finite value"):  # fmt: skip
+        decode_sample(sample)
+    sample["attn.npy"] = GOOD16
+    out = decode_sample(sample)
+    assert np.array_equal(out["attention"], F16) and np.array_equal(out["parts"], FULL)
+    del sample["attn.npy"]
+    assert "attention" not in decode_sample(sample)  # old part shards still decode

@@ -5,11 +5,18 @@ Features are recomputed by the teacher from each image rather than read from the
 while every image needs a map. The recomputed tokens are cast to fp16 exactly as ``extract`` stores
 them and batched per shard like ``extract``, so with the same batch size both give the same map.
 
+In the same batches the teacher's last-block CLS-to-patch attention (mean over heads) is stored
+beside each map, for attention-guided masking (AttMask): computed once here, so pretraining never
+runs the teacher. It is always the real teacher's (``random_teacher`` only changes the part maps).
+
 Output (``out_dir``)::
 
-    index.json    format, classes, grid, num_parts, method, teacher sha256, per split shards
+    index.json    format, classes, grid, num_parts, method, teacher sha256, attention, per split shards
     train/train-000000.tar ...   the prepared samples unchanged (image bytes, cls, json)
     val/val-000000.tar ...       plus ``parts.npy``: uint8 [grid, grid] part ids in [0, N)
+                                 and ``attn.npy``: float16 [grid, grid] CLS attention (softmax weights
+                                 over all tokens, so on the teacher grid the patches' sum to 1 less the
+                                 CLS token's own; resized bilinearly up or by area down to the grid)
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ from pipeline.parts.load import PARTS_CHECKPOINT, load_part_learner, parts_teach
 from pipeline.parts.metrics import cls_attention
 from pipeline.teacher.load import load_teacher
 
-__all__ = ["PARTS_FORMAT", "export_parts", "soft_part_maps"]
+__all__ = ["PARTS_FORMAT", "ATTENTION_SOURCE", "export_parts", "soft_part_maps", "attention_maps"]
+
+ATTENTION_SOURCE = "teacher last-block CLS attention, mean over heads"
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,19 @@ def soft_part_maps(vit, learner, meta: dict, x: torch.Tensor) -> torch.Tensor:
     tokens = vit.forward_features(x).to(torch.float16)  # as stored by extract
     prefix = vit.num_prefix_tokens
     return learner.part_logits(tokens[:, 0].float(), tokens[:, prefix:].float()).softmax(1)
+
+
+@torch.no_grad()
+def attention_maps(vit, x: torch.Tensor, teacher_grid: tuple[int, int], grid: int) -> torch.Tensor:
+    """``vit``'s last-block CLS-to-patch attention, mean over heads, on a ``grid x grid`` map ``float32
+    [B, grid, grid]``: bilinear when upsampling the teacher grid, area (adaptive average) when downsampling."""
+    attn = cls_attention(vit, x).float().mean(1)  # [B, L]
+    maps = attn.view(attn.shape[0], 1, *teacher_grid)
+    if teacher_grid[0] < grid:
+        maps = F.interpolate(maps, size=(grid, grid), mode="bilinear", align_corners=False)
+    elif teacher_grid[0] > grid:
+        maps = F.adaptive_avg_pool2d(maps, (grid, grid))
+    return maps[:, 0]
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -89,27 +111,33 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
     if learner is not None:
         learner.to(device).eval()
 
-    def maps_for(images: list[np.ndarray]) -> np.ndarray:
+    teacher_grid = tuple(vit.patch_embed.grid_size)  # the grid of the attention the teacher gives
+
+    def maps_for(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Part ids ``uint8 [B, grid, grid]`` and attention ``float16 [B, grid, grid]`` of a batch."""
         x = normalize(torch.from_numpy(np.stack(images)).to(device).float() / 255)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             soft = soft_part_maps(tokens_vit, learner, meta, x).float()
+            attn = attention_maps(vit, x, teacher_grid, grid)
         if soft.shape[-1] != grid:
             soft = F.interpolate(soft, size=(grid, grid), mode="bilinear", align_corners=False)
-        return soft.argmax(1).to(torch.uint8).cpu().numpy()
+        return soft.argmax(1).to(torch.uint8).cpu().numpy(), attn.to(torch.float16).cpu().numpy()
 
     def work(job, tmp: Path, bar) -> None:
         split, shard = job
         (tmp / split).mkdir(exist_ok=True)
         raw = list(iter_raw_samples([shard.path], [shard.num_samples]))
-        ids = []
+        ids, attn = [np.zeros((0, grid, grid), np.uint8)], [np.zeros((0, grid, grid), np.float16)]
         for start in range(0, len(raw), cfg.batch_size):
             batch = raw[start : start + cfg.batch_size]
             decoded = [decode_sample(s) for s in batch]
-            ids.append(maps_for([to_square(decode_image(d["image"], where=d["where"]), tcfg.img_size) for d in decoded]))
+            m, a = maps_for([to_square(decode_image(d["image"], where=d["where"]), tcfg.img_size) for d in decoded])
+            ids.append(m)
+            attn.append(a)
             bar.update(len(batch))
-        ids = np.concatenate(ids) if ids else np.zeros((0, grid, grid), np.uint8)
-        samples = ({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} | {"parts.npy": _npy(m)}
-                   for s, m in zip(raw, ids))  # fmt: skip
+        samples = ({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
+                   | {"parts.npy": _npy(m), "attn.npy": _npy(a)}
+                   for s, m, a in zip(raw, np.concatenate(ids), np.concatenate(attn)))  # fmt: skip
         write_tar(tmp / split / shard.file, samples)
 
     entries = {split: shard_entries(prepared_dir, split) for split in ("train", "val")}  # checked names and sizes
@@ -128,14 +156,16 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
                              "class_counts": index["splits"][split]["class_counts"]}  # fmt: skip
         out_index = {"format": PARTS_FORMAT, "classes": index["classes"], "grid": [grid, grid],
                      "num_parts": meta["num_parts"], "method": meta["method"], "teacher_sha256": teacher_sha,
+                     "attention": {"source": ATTENTION_SOURCE, "dtype": "float16", "grid": [grid, grid]},
                      "splits": splits}  # fmt: skip
         (tmp / "index.json").write_bytes(json_bytes(out_index))
         (tmp / "config.json").write_bytes(resolved_config(cfg, "export_parts"))
         return {"grid": grid, "num_parts": meta["num_parts"], **{f"{s}_samples": v["num_samples"] for s, v in splits.items()}}
 
     source_bytes = sum(e.bytes or 0 for _, e in jobs)
-    # per sample a parts.npy member (a 512-byte header + its data padded to 512); per shard the tar's final
-    # record (tarfile pads an archive to RECORDSIZE); index.json and config.json
-    needed = source_bytes + 1024 * sum(sizes) + tarfile.RECORDSIZE * len(jobs) + (64 << 10)
+    # per sample a parts.npy and an attn.npy member (each a 512-byte header + its .npy padded to 512); per
+    # shard the tar's final record (tarfile pads an archive to RECORDSIZE); index.json and config.json
+    per_sample = sum(512 + -(-len(_npy(np.zeros((grid, grid), t))) // 512) * 512 for t in (np.uint8, np.float16))
+    needed = source_bytes + per_sample * sum(sizes) + tarfile.RECORDSIZE * len(jobs) + (64 << 10)
     ensure_free_space(out_dir, needed, "the part shards (the prepared images + maps)")
     return run_sharded_own_temporary(Path(out_dir), jobs, work, finalize, sizes, desc="export parts")
