@@ -92,10 +92,11 @@ PART_COLOURS = np.array([(0, 0, 0), (230, 30, 30), (30, 230, 30), (30, 30, 230),
 
 def make_part_shards(root: Path, n_train: int = 96, n_val: int = 16, size: int = 16, grid: int = 4,
                      num_parts: int = 4, shard_size: int = 24, seed: int = 0, fmt: str = "png",
-                     attention: bool = False) -> Path:  # fmt: skip
+                     attention: bool | np.ndarray = False) -> Path:  # fmt: skip
     """An ``export_parts``-format shard set: images painted by their (blocky, random) part maps, plus noise
     (``fmt``: stored as PNG or as JPEG); ``attention``: also an ``attn.npy`` per sample (random float16 weights
-    summing to ~1, from a generator of their own so the other bytes do not change) and the index entry."""
+    summing to ~1, from a generator of their own so the other bytes do not change; or the given ``[grid, grid]``
+    array for every sample) and the index entry."""
     from pipeline.data.shards import write_shards
     from pipeline.io import json_bytes
 
@@ -115,10 +116,10 @@ def make_part_shards(root: Path, n_train: int = 96, n_val: int = 16, size: int =
             counts[str(label)] = counts.get(str(label), 0) + 1
             samples.append({"__key__": f"{split}{i:05d}", fmt: buf.getvalue(), "cls": str(label).encode(),
                             "json": b'{"source": "synthetic"}', "parts.npy": npy.getvalue()})  # fmt: skip
-        if attention:
+        if attention is not False:
             attention_rng = np.random.default_rng([seed, 1 if split == "train" else 2])
             for sample in samples:
-                weights = attention_rng.random((grid, grid)) ** 3
+                weights = attention_rng.random((grid, grid)) ** 3 if attention is True else np.asarray(attention)
                 npy = io.BytesIO()
                 np.save(npy, (weights / weights.sum()).astype(np.float16), allow_pickle=False)
                 sample["attn.npy"] = npy.getvalue()
@@ -126,7 +127,7 @@ def make_part_shards(root: Path, n_train: int = 96, n_val: int = 16, size: int =
         splits[split] = {"num_samples": n, "shards": shards, "class_counts": counts}
     index = {"format": "semmae-parts/1", "classes": ["a", "b", "c"], "grid": [grid, grid], "num_parts": num_parts,
              "method": "learned", "teacher_sha256": "0" * 64, "splits": splits}  # fmt: skip
-    if attention:
+    if attention is not False:
         index["attention"] = {"source": "synthetic", "dtype": "float16", "grid": [grid, grid]}
     (root / "index.json").write_bytes(json_bytes(index))
     return root
