@@ -119,6 +119,29 @@ def test_dvc_repro_default_dag_runs_once_with_a_teacher_that_beats_random(tmp_pa
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dry = run(["dvc", "repro", "--dry"], repo)
     assert sorted(re.findall(r"Running stage '([^']+)'", dry)) == ["pretrain@random-0", "report"]
+    block_and_attention_join_the_dag(repo)
+
+
+def block_and_attention_join_the_dag(repo: Path) -> None:
+    """The two other masking strategies, added as variants, run through DVC beside the existing runs (which
+    are not rerun): pretrain, figures, probe and fine-tuning of each, and the report compares each with
+    random masking."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["pretrain"]["variants"]["random"].pop("hflip", None)  # back to the state the DAG ran with
+    params["pretrain"]["variants"] |= {"block": {"masking": "block"}, "attention": {"masking": "attention"}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], repo)
+    ran = sorted(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == sorted([f"{stage}@{v}-0" for stage in ("pretrain", "pretrain_figures", "linprobe", "finetune")
+                          for v in ("block", "attention")] + ["report"]), ran  # fmt: skip
+    for variant in ("block", "attention"):
+        pretrained = json.loads((repo / "metrics" / "pretrain" / f"{variant}-0.json").read_text())
+        assert pretrained["steps"] == 3 and pretrained["variant_masking"] == variant
+    index = json.loads((repo / "data" / "part_shards" / "index.json").read_text())
+    assert index["attention"]["dtype"] == "float16" and index["attention"]["grid"] == [8, 8]
+    report = (repo / "reports" / "linprobe.md").read_text()
+    for label in ("BEiT (block masking)", "AttMask (attention masking)"):
+        assert f"| {label} |" in report and f"| {label} − MAE (random masking) | linear top-1 |" in report
 
 
 # What each documented `dvc exp run -S` must rerun (the stages whose own deps or params change, or that are
@@ -134,6 +157,8 @@ EXPECTED_EXPERIMENTS = {
     "++pretrain.variants.random90={masking:random,mask_ratio:0.9}": [
         "finetune@random90-0", "linprobe@random90-0", "pretrain@random90-0", "pretrain_figures@random90-0", "report"],
     "finetune.base_lr=2e-3": ["finetune@random-0", "finetune@semantic-0", "finetune_scratch@0", "report"],
+    "++pretrain.variants.block={masking:block}": [
+        "finetune@block-0", "linprobe@block-0", "pretrain@block-0", "pretrain_figures@block-0", "report"],
     "parts.method=kmeans": ["train_parts"],
     "teacher.init=train": ["teacher"],
 }
