@@ -55,7 +55,8 @@ BLOCK = (0.75, 2, 0.3)  # mask_ratio, min_patches, min_aspect
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """prepare (fake Fashion-MNIST) -> the shipped teacher -> extract -> train_parts (attention heads) ->
-    export_parts at the teacher's grid 8, upsampled to 16 and downsampled to 4."""
+    export_parts at the teacher's grid 8, upsampled to 16 and downsampled to 4 and 2 (at 2x bilinear and
+    area agree, at 4x they differ)."""
     tmp = tmp_path_factory.mktemp("attn")
     root = tmp / "fmnist"
     root.mkdir()
@@ -82,10 +83,10 @@ def exported(tmp_path_factory):
     build_parts(PartsConfig(method="attention_heads"), prepared, teacher, tmp / "features", tmp / "parts",
                 references=False)  # fmt: skip
     out = {}
-    for grid in (8, 16, 4):
+    for grid in (8, 16, 4, 2):
         out[grid] = tmp / f"export{grid}"
         export_parts(ExportPartsConfig(grid=grid, batch_size=8), prepared, teacher, tmp / "parts", out[grid])
-    return prepared, teacher, out
+    return prepared, teacher, out, tmp / "features"
 
 
 def expected_attention(teacher: Path, x: torch.Tensor, grid: int) -> np.ndarray:
@@ -102,9 +103,9 @@ def expected_attention(teacher: Path, x: torch.Tensor, grid: int) -> np.ndarray:
     return maps.reshape(-1, grid, k, grid, k).mean((2, 4)).astype(np.float32)
 
 
-@pytest.mark.parametrize("grid", [8, 16, 4])
+@pytest.mark.parametrize("grid", [8, 16, 4, 2])
 def test_exported_attention_is_the_teachers_head_mean_cls_attention(exported, grid):
-    prepared, teacher, out = exported
+    prepared, teacher, out, _ = exported
     index = read_index(out[grid], PARTS_FORMAT)
     assert index["attention"] == {"source": "teacher last-block CLS attention, mean over heads", "dtype": "float16",
                                   "grid": [grid, grid]}  # fmt: skip
@@ -126,8 +127,40 @@ def test_exported_attention_is_the_teachers_head_mean_cls_attention(exported, gr
         assert (got.max((1, 2)) / got.min((1, 2))).min() > 3
 
 
+def test_the_attention_is_the_real_teachers_with_a_random_teacher_part_learner(exported, tmp_path):
+    """method random_teacher reads a random ViT's tokens for the parts; the attention stays the teacher's."""
+    prepared, teacher, _, features = exported
+    cfg = PartsConfig(method="random_teacher", num_parts=3, epochs=1, batch_size=16, decoder_channels=8, style_dim=8)
+    build_parts(cfg, prepared, teacher, features, tmp_path / "parts", references=False)
+    export_parts(ExportPartsConfig(grid=8, batch_size=8), prepared, teacher, tmp_path / "parts", tmp_path / "e")
+    keys, x = split_images(prepared, "val", size=32)
+    decoded = {s["__key__"]: s["attention"] for s in iter_samples(shard_paths(tmp_path / "e", "val", PARTS_FORMAT))}
+    np.testing.assert_allclose(np.stack([decoded[k] for k in keys]).astype(np.float32),
+                               expected_attention(teacher, x, 8).astype(np.float16).astype(np.float32), rtol=2e-3,
+                               atol=1e-6)  # fmt: skip
+
+
+def test_the_free_space_asked_for_counts_both_map_members(exported, tmp_path, monkeypatch):
+    """Beyond the prepared shards, the index files and a final record per shard, the space asked for covers
+    every parts.npy and attn.npy member as tar stores it (a 512-byte header + the data padded to 512)."""
+    import tarfile
+
+    from pipeline.parts import export
+
+    prepared, teacher, out, _ = exported
+    asked = []
+    monkeypatch.setattr(export, "ensure_free_space", lambda path, needed, what: asked.append(needed))
+    export_parts(ExportPartsConfig(grid=16, batch_size=8), prepared, teacher, out[16].parent / "parts", tmp_path / "e")
+    source = [Path(p) for split in ("train", "val") for p in shard_paths(prepared, split)]
+    members = 0
+    for path in (tmp_path / "e").rglob("*.tar"):
+        with tarfile.open(path) as tar:
+            members += sum(512 + -(-m.size // 512) * 512 for m in tar.getmembers() if m.name.endswith(".npy"))
+    assert members > 0 and asked[0] - sum(p.stat().st_size for p in source) >= members + len(source) * 10240
+
+
 def test_the_export_stays_deterministic_with_attention(exported, tmp_path):
-    prepared, teacher, out = exported
+    prepared, teacher, out, _ = exported
     parts = out[4].parent / "parts"
     export_parts(ExportPartsConfig(grid=4, batch_size=8), prepared, teacher, parts, tmp_path / "again")
     for path in sorted(out[4].rglob("*")):
@@ -261,17 +294,6 @@ def test_fixed_images_give_the_centred_attention_maps(tmp_path):
     assert attention.dtype == torch.float32 and attention.shape == (5, G, G)
     np.testing.assert_array_equal(attention.numpy(), np.broadcast_to(ATTENTION.astype(np.float32), (5, G, G)))
     assert len(fixed_images(val, 5, N, S, G)) == 2  # unasked: as before
-    # a rectangular image: the maps cover its centred square, like the part maps
-    rect = tmp_path / "rect"
-    samples = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in iter_raw_samples(val)]
-    for s in samples:  # 32 x 16 pixels: the maps cover its centred 16 x 16 square
-        png = io.BytesIO()
-        Image.fromarray(np.pad(source_image(0), ((0, 0), (6, 10), (0, 0)))).save(png, format="PNG")
-        s["png"] = png.getvalue()
-    rect.mkdir()
-    write_tar(rect / "val-000000.tar", samples)
-    images, parts, attention = fixed_images([str(rect / "val-000000.tar")], 2, N, S, G, with_attention=True)
-    np.testing.assert_array_equal(attention[0].numpy(), ATTENTION.astype(np.float32))
 
 
 # --- old and damaged shard sets ------------------------------------------------------------------------------------
