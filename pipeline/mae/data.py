@@ -21,12 +21,13 @@ are those of a run without it):
   :func:`pipeline.mae.masking.block_flags` (BEiT's sequential per-image loop, so here in the loader
   workers as BEiT does, not on the training device).
 
-Corrupt data (``pretrain.on_corrupt``): a sample that does not decode, lacks an entry, or has a part map
-(or, with the attention guide, an attention map) of the wrong shape or with ids >= N, and a shard that is unreadable or ends before the count its index
-records, fail with the shard and sample key named (``fail``), or are skipped (``skip``): the stream
-draws the next sample instead (a skip consumes none of the stream's random draws, so runs stay
-deterministic and resumable) and reports ``(count, reason)`` with its next item; the training loop
-sums them into the metrics and fails past ``max_skip_fraction``.
+Corrupt data (``pretrain.on_corrupt``): a sample that does not decode (its ``attn.npy`` included, when
+it has one), lacks an entry (``attn.npy`` with the attention guide), or has a part map (or, with the
+attention guide, an attention map) of the wrong shape or with ids >= N, and a shard that is unreadable
+or ends before the count its index records, fail with the shard and sample key named (``fail``), or
+are skipped (``skip``): the stream draws the next sample instead (a skip consumes none of the stream's
+random draws, so runs stay deterministic and resumable) and reports ``(count, reason)`` with its next
+item; the training loop sums them into the metrics and fails past ``max_skip_fraction``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import distributed as D
 from pipeline.mae.decode import EncodedImages, header_size, merge, pixels_chw
+from pipeline.mae.masking import block_flags
 from pipeline.data.shards import (
     ShardFormatError,
     decode_image,
@@ -233,8 +235,6 @@ class PartShardStream(IterableDataset):
         """One sample's guide row from what was already drawn (no random draw of its own)."""
         if self.guide == "attention":
             return crop_parts(attn, side, crop, self.grid, flip).astype(np.float32).reshape(-1)
-        from pipeline.mae.masking import block_flags  # lazily: the loader workers need numpy only until here
-
         return np.asarray(block_flags(noise, self.grid, *self.block), dtype=bool).reshape(-1)
 
     def _batches(self, stream: int, order: np.ndarray) -> Iterator[tuple]:
