@@ -27,7 +27,7 @@ generated without the rest, and the same arguments give the same bytes (numpy + 
 
 Speed: images are drawn directly at the target size into one uint8 canvas of region codes (one
 PIL ``polygon`` call per shape, no anti-aliasing so the mask is exact), and colour, texture and
-mask come from that canvas by table look-ups: about 2,800 images/s at 32 px (2,300 at 64 px) on one core.
+mask come from that canvas by table look-ups: about 2,800 images/s at 32 px (2,000 at 64 px) on one core.
 """
 
 from __future__ import annotations
