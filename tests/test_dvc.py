@@ -123,25 +123,24 @@ def test_dvc_repro_default_dag_runs_once_with_a_teacher_that_beats_random(tmp_pa
 
 
 def block_and_attention_join_the_dag(repo: Path) -> None:
-    """The two other masking strategies, added as variants, run through DVC beside the existing runs (which
-    are not rerun): pretrain, figures, probe and fine-tuning of each, and the report compares each with
-    random masking."""
+    """The two other masking strategies, added as variants, train through DVC beside the existing runs
+    (which are not rerun): their pretrain stages read the exported attention maps (attention) or make BEiT's
+    blocks in the loader (block), and their figure stages draw from them. (Their probe, fine-tuning and
+    report stages are the same code as every variant's; the report's rows and comparisons for them are
+    tested in test_report.)"""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pretrain"]["variants"]["random"].pop("hflip", None)  # back to the state the DAG ran with
     params["pretrain"]["variants"] |= {"block": {"masking": "block"}, "attention": {"masking": "attention"}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro"], repo)
+    out = run(["dvc", "repro", "pretrain_figures@block-0", "pretrain_figures@attention-0"], repo)
     ran = sorted(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == sorted([f"{stage}@{v}-0" for stage in ("pretrain", "pretrain_figures", "linprobe", "finetune")
-                          for v in ("block", "attention")] + ["report"]), ran  # fmt: skip
+    assert ran == [f"{stage}@{v}-0" for stage in ("pretrain", "pretrain_figures") for v in ("attention", "block")], ran
     for variant in ("block", "attention"):
         pretrained = json.loads((repo / "metrics" / "pretrain" / f"{variant}-0.json").read_text())
         assert pretrained["steps"] == 3 and pretrained["variant_masking"] == variant
+        assert (repo / "plots" / "pretrain" / f"{variant}-0" / "curriculum_masks.png").stat().st_size > 0
     index = json.loads((repo / "data" / "part_shards" / "index.json").read_text())
     assert index["attention"]["dtype"] == "float16" and index["attention"]["grid"] == [8, 8]
-    report = (repo / "reports" / "linprobe.md").read_text()
-    for label in ("BEiT (block masking)", "AttMask (attention masking)"):
-        assert f"| {label} |" in report and f"| {label} − MAE (random masking) | linear top-1 |" in report
 
 
 # What each documented `dvc exp run -S` must rerun (the stages whose own deps or params change, or that are

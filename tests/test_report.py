@@ -211,3 +211,22 @@ def test_a_malformed_curves_file_stops_the_report_before_any_output(tmp_path):
     assert "random-1.tsv: not a curve file" in res.stderr
     # the table and CSV come before the curves in the code, yet neither may be written
     assert not (tmp_path / "reports").exists() and not (tmp_path / "metrics" / "report.json").exists()
+
+
+def test_every_masking_strategy_is_compared_with_random_masking_on_every_protocol(tmp_path):
+    """Four strategies: block and attention rows named after their methods, each compared with random masking
+    on linear, k-NN and fine-tune top-1 (and with scratch on fine-tuning), seed-paired."""
+    tops = {"semantic": [0.70, 0.71], "random": [0.60, 0.61], "block": [0.62, 0.64], "attention": [0.58, 0.57]}
+    fabricate(tmp_path, tops, finetune={**tops, "scratch": [0.40, 0.41]})
+    variants = {name: {"masking": name} for name in tops}
+    args = ("--finetune", "metrics/finetune", "--finetune-curves", "metrics/finetune_curves")
+    res = report(tmp_path, *args, variants=variants, seeds=2, finetune=True)
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    md = (tmp_path / "reports" / "linprobe.md").read_text()
+    for label in ("BEiT (block masking)", "AttMask (attention masking)"):
+        assert f"| {label} | masking=" in md
+        for metric in ("linear top-1", "k-NN top-1", "fine-tune top-1"):
+            assert f"| {label} − MAE (random masking) | {metric} |" in md
+    assert "| BEiT (block masking) − MAE (random masking) | linear top-1 | +2.50 | -3.85 to +8.85 | 2 |" in md
+    comparisons = json.loads((tmp_path / "metrics" / "report.json").read_text())["comparisons"]
+    assert {"block_vs_random", "attention_vs_random", "semantic_vs_random"} <= set(comparisons)
