@@ -167,3 +167,17 @@ def run_semmae(cwd: Path, *args: str, wait: bool = True):
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
+
+
+def shipped_teacher_dir(dest: Path) -> Path:
+    """A `teacher` stage output at ``dest`` holding the shipped iBOT teacher (assets/teacher): its checkpoint
+    and the resolved config it was trained with."""
+    import shutil
+
+    from pipeline.config import TeacherConfig, resolved_config
+
+    dest.mkdir(parents=True)
+    shutil.copy(REPO / "assets" / "teacher" / "checkpoint_teacher.pth", dest / "checkpoint_teacher.pth")
+    shipped = yaml.safe_load((REPO / "assets" / "teacher" / "params.yaml").read_text())["teacher"]
+    (dest / "config.json").write_bytes(resolved_config(TeacherConfig.model_validate(shipped), "teacher"))
+    return dest

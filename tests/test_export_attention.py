@@ -13,18 +13,16 @@
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 
-from conftest import REPO, make_part_shards, write_idx
-from pipeline.config import ExportPartsConfig, ExtractConfig, PartsConfig, PrepareConfig, TeacherConfig, resolved_config
+from conftest import make_part_shards, shipped_teacher_dir, write_idx
+from pipeline.config import ExportPartsConfig, ExtractConfig, PartsConfig, PrepareConfig
 from pipeline.data.shards import (
     ShardFormatError,
     iter_raw_samples,
@@ -72,11 +70,7 @@ def exported(tmp_path_factory):
     from pipeline.data.prepare import prepare_dataset
 
     prepare_dataset(prepare_cfg, prepared)
-    teacher = tmp / "teacher"
-    teacher.mkdir()
-    shutil.copy(REPO / "assets" / "teacher" / "checkpoint_teacher.pth", teacher / "checkpoint_teacher.pth")
-    shipped = yaml.safe_load((REPO / "assets" / "teacher" / "params.yaml").read_text())["teacher"]
-    (teacher / "config.json").write_bytes(resolved_config(TeacherConfig.model_validate(shipped), "teacher"))
+    teacher = shipped_teacher_dir(tmp / "teacher")
     from pipeline.features import extract_features
 
     extract_features(ExtractConfig(batch_size=32), prepared, teacher, tmp / "features")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, write_idx
+from conftest import shipped_teacher_dir, write_idx
 from pipeline.config import ExportPartsConfig, ExtractConfig, PartsConfig, PrepareConfig, TeacherConfig, resolved_config
 from pipeline.data.images import normalize, to_square
 from pipeline.data.prepare import prepare_dataset
@@ -297,9 +297,6 @@ def test_parts_follow_objects_on_shape_images(tmp_path):
     teacher: with N = 2 the learned parts and the k-means reference, as exported, give the object's patches
     one id and the background's the other, at the right (row, column): a transposed, flipped or shifted map,
     or parts that ignore the image, fail."""
-    import shutil
-
-    import yaml
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -319,11 +316,7 @@ def test_parts_follow_objects_on_shape_images(tmp_path):
     prepared = tmp_path / "prepared"
     prepare_dataset(PrepareConfig(source="imagefolder", root=str(tmp_path / "src"), val_dir="val", holdout_size=2,
                                   num_workers=0), prepared)  # fmt: skip
-    teacher = tmp_path / "teacher"
-    teacher.mkdir()
-    shutil.copy(REPO / "assets" / "teacher" / "checkpoint_teacher.pth", teacher / "checkpoint_teacher.pth")
-    shipped = yaml.safe_load((REPO / "assets" / "teacher" / "params.yaml").read_text())["teacher"]
-    (teacher / "config.json").write_bytes(resolved_config(TeacherConfig.model_validate(shipped), "teacher"))
+    teacher = shipped_teacher_dir(tmp_path / "teacher")
     extract_features(ExtractConfig(batch_size=64), prepared, teacher, tmp_path / "features")
     for method in ("learned", "kmeans"):
         cfg = PartsConfig(method=method, num_parts=2, epochs=20, batch_size=16)
