@@ -100,3 +100,55 @@ def test_kmeans_separates_clusters():
     centers = kmeans(torch.cat([a, b]), 2)
     assign = (F.normalize(torch.cat([a, b]), dim=1) @ centers.T).argmax(1)
     assert assign[:50].unique().numel() == 1 and assign[50:].unique().numel() == 1 and assign[0] != assign[50]
+
+
+def test_channel_grouping_tokens_are_the_cls_token_reweighted_per_part():
+    """The paper's form: P_i = d_i(c) * c with d_i(c) = sigmoid(W2 tanh(W1 c))_i, recomputed by hand."""
+    torch.manual_seed(0)
+    model = PartLearner(dim=16, grid=(4, 4), num_parts=5, image_size=16, decoder_channels=8, style_dim=8,
+                        temperature=0.5, tokens="channel_grouping")  # fmt: skip
+    assert not hasattr(model, "part_mlp") and not hasattr(model, "part_bias")
+    cls, patches = torch.randn(3, 16), torch.randn(3, 16, 16)
+    g = model.grouping
+    d = torch.sigmoid(torch.tanh(cls @ g.fc1.weight.T + g.fc1.bias) @ g.fc2.weight.T + g.fc2.bias).view(3, 5, 16)
+    tokens = d * cls[:, None]
+    expected = torch.einsum("bnc,blc->bnl", tokens, patches) / (16**0.5 * 0.5)
+    torch.testing.assert_close(model.part_logits(cls, patches), expected.view(3, 5, 4, 4))
+    # each token keeps the CLS token's signs and never exceeds it: a re-weighting of its channels
+    parts = g(cls)
+    assert ((parts * cls[:, None]) >= 0).all() and (parts.abs() <= cls.abs()[:, None]).all()
+    out = model(cls.requires_grad_(), patches)
+    torch.testing.assert_close(out["maps"].sum(1), torch.ones(3, 4, 4))
+    (out["recon"].abs().mean() + diversity_loss(out["maps"])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_token_forms_are_chosen_by_the_config_and_unknown_forms_refused():
+    cfg = PartsConfig(num_parts=3, decoder_channels=8, style_dim=8)
+    assert cfg.tokens == "mlp"
+    mlp = build_part_learner(cfg, 16, (4, 4), 16)
+    grouped = build_part_learner(PartsConfig(num_parts=3, decoder_channels=8, style_dim=8, tokens="channel_grouping"),
+                                 16, (4, 4), 16)  # fmt: skip
+    assert mlp.tokens == "mlp" and "part_mlp.0.weight" in mlp.state_dict()
+    assert grouped.tokens == "channel_grouping" and "grouping.fc2.weight" in grouped.state_dict()
+    assert build_part_learner(cfg, 16, (4, 4), 16, tokens="channel_grouping").tokens == "channel_grouping"
+    with pytest.raises(ValueError, match="tokens='attention'"):
+        PartLearner(dim=16, grid=(4, 4), image_size=16, tokens="attention")
+    with pytest.raises(ValueError, match="tokens"):
+        PartsConfig(tokens="attention")
+
+
+def test_the_channel_grouping_learner_lowers_its_loss():
+    torch.manual_seed(0)
+    cfg = PartsConfig(num_parts=4, epochs=15, batch_size=16, lr=3e-3, decoder_channels=8, style_dim=8,
+                      tokens="channel_grouping")  # fmt: skip
+    model = build_part_learner(cfg, 16, (4, 4), 16)
+    cls, patches = torch.randn(32, 16), torch.randn(32, 16, 16)
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        before = losses(model, cls, patches, images, cfg)["loss"].item()
+    train_part_learner(model, cls, patches, images, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        after = losses(model.eval(), cls, patches, images, cfg)["loss"].item()
+    assert after < before

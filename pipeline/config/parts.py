@@ -20,6 +20,12 @@ class PartsConfig(StageConfig):
         "(N clusters) of the teacher's patch tokens; random_teacher: the part learner on a randomly "
         "initialised teacher of the same shape. The last three are the ablations of the learned parts."
     )  # fmt: skip
+    tokens: Literal["mlp", "channel_grouping"] = Field(
+        "mlp", description="Form of the part learner's part tokens (learned, random_teacher). mlp: "
+        "P = reshape(MLP(c), N x C) + Q (this implementation's); channel_grouping: P_i = d_i(c) * c, the CLS "
+        "token re-weighted by part i's channel grouping d_i(c) = sigmoid(W2 tanh(W1 c))_i (the paper's idea). "
+        "train_parts also trains the other form on the same data and reports it beside the method."
+    )  # fmt: skip
     num_parts: int = Field(6, ge=2, le=64, description="N, the number of parts.")
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)

@@ -73,6 +73,7 @@ def load_part_learner(path: str | Path) -> tuple[Optional[PartLearner], dict]:
     if meta["method"] == "kmeans":
         return KMeansParts(obj["state_dict"]["centers"], tuple(meta["grid"])).eval(), meta
     model = PartLearner(meta["dim"], tuple(meta["grid"]), meta["num_parts"], meta["image_size"], meta["decoder_channels"],
-                        meta["style_dim"], meta["blur_size"], meta["blur_sigma"], temperature=meta["temperature"])  # fmt: skip
+                        meta["style_dim"], meta["blur_size"], meta["blur_sigma"], temperature=meta["temperature"],
+                        tokens=meta.get("tokens", "mlp"))  # fmt: skip  (parts saved before the token forms: mlp)
     model.load_state_dict(obj["state_dict"], strict=True)
     return model.eval(), meta

@@ -23,10 +23,12 @@ __all__ = ["build_part_learner", "train_part_learner", "part_ids", "reconstructi
 log = logging.getLogger(__name__)
 
 
-def build_part_learner(cfg: PartsConfig, dim: int, grid: tuple[int, int], image_size: int) -> PartLearner:
+def build_part_learner(cfg: PartsConfig, dim: int, grid: tuple[int, int], image_size: int,
+                       tokens: Optional[str] = None) -> PartLearner:  # fmt: skip
+    """The part learner of ``cfg`` (its token form, or ``tokens`` when given), seeded by ``parts.seed``."""
     torch.manual_seed(cfg.seed)
     return PartLearner(dim, grid, cfg.num_parts, image_size, cfg.decoder_channels, cfg.style_dim,
-                       cfg.blur_size, cfg.blur_sigma, temperature=cfg.temperature)  # fmt: skip
+                       cfg.blur_size, cfg.blur_sigma, temperature=cfg.temperature, tokens=tokens or cfg.tokens)  # fmt: skip
 
 
 def reconstruction_targets(images: torch.Tensor) -> torch.Tensor:
