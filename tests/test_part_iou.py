@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.parts.iou import part_confusion, part_iou, part_iou_from_confusion
+from pipeline.parts.iou import part_confusion, part_iou, part_iou_from_confusion, class_part_iou, patch_majority, upsample_ids
 
 
 def rows(*r: list[int]) -> np.ndarray:
@@ -133,3 +133,57 @@ def test_bad_input_is_refused_with_a_clear_error(pred, truth, kw, err, match):
 def test_ids_at_the_top_of_the_range_are_accepted():
     res = part_iou(rows([0, 1, 2]), rows([0, 1, 2]), num_ids=3, num_parts=2)  # pred N-1, truth P
     assert res.miou == 1.0
+
+
+# ---- several object classes: ids matched per class (class_part_iou), the oracle, patch ids on pixels ----
+
+NAMES = ["background", "p1", "p2", "p3", "p4"]
+
+
+def two_class_confusion(pred_b: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Image A (class 0): parts 1, 1, 2, 2 predicted 0, 0, 1, 1; image B (class 1): parts 3, 3, 4, 4 predicted
+    ``pred_b``. The same two ids serve both classes."""
+    pred = torch.tensor([[[0, 0, 1, 1]], [pred_b]])
+    truth = torch.tensor([[[1, 1, 2, 2]], [[3, 3, 4, 4]]])
+    return part_confusion(pred, truth, 2, 4), np.array([0, 1])
+
+
+def test_class_part_iou_matches_ids_per_class():
+    conf, labels = two_class_confusion([0, 0, 1, 1])
+    res = class_part_iou(conf, labels, ["a", "b", "unused"], NAMES)
+    # per class the ids are perfect; one matching for the whole set can give each id one part only:
+    # id 0 ~ p1 (2 / (4 + 2 - 2) = 0.5), id 1 ~ p2 (0.5), p3 and p4 unmatched (0) -> 0.25
+    assert res["miou"] == 1.0 and res["per_image_miou"] == 1.0 and res["miou_global"] == 0.25
+    assert res["per_class"] == {"a": 1.0, "b": 1.0}  # a class without images is not listed
+    assert res["per_part"] == {"p1": 1.0, "p2": 1.0, "p3": 1.0, "p4": 1.0}
+
+
+def test_class_part_iou_merged_and_swapped_parts():
+    conf, labels = two_class_confusion([0, 0, 0, 0])  # class b: both parts merged into one id
+    res = class_part_iou(conf, labels, ["a", "b"], NAMES)
+    # b: id 0 ~ p3 (2/4 = 0.5), id 1 has no pixel in b, so p4 scores 0 -> 0.25; a: 1.0; mean 0.625
+    assert res["per_class"] == {"a": 1.0, "b": 0.25} and res["miou"] == 0.625
+    assert res["per_part"] == {"p1": 1.0, "p2": 1.0, "p3": 0.5, "p4": 0.0}
+    swapped, _ = two_class_confusion([1, 1, 0, 0])  # ids swapped in class b: still perfect per class
+    assert class_part_iou(swapped, labels, ["a", "b"], NAMES)["miou"] == 1.0
+
+
+def test_class_part_iou_refuses_mismatched_inputs():
+    conf, labels = two_class_confusion([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="labels: expected one per image"):
+        class_part_iou(conf, labels[:1], ["a", "b"], NAMES)
+    with pytest.raises(ValueError, match="part_names: 4 names for 5"):
+        class_part_iou(conf, labels, ["a", "b"], NAMES[:4])
+    with pytest.raises(ValueError, match="no image of any class"):
+        class_part_iou(conf, np.array([5, 6]), ["a", "b"], NAMES)
+
+
+def test_patch_ids_spread_over_their_pixels_and_the_oracle_is_each_patchs_majority():
+    ids = torch.tensor([[[0, 1], [2, 3]]])
+    assert upsample_ids(ids, 4).tolist() == [[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]]
+    truth = torch.tensor([[[1, 1, 2, 2],
+                           [1, 3, 2, 0],
+                           [0, 0, 4, 4],
+                           [4, 4, 3, 3]]])  # fmt: skip
+    # top-left: 1 x3; top-right: 2 x3; bottom-left: 0 and 4 tie (the lower id); bottom-right: 4 and 3 tie
+    assert patch_majority(truth, 2, 5).tolist() == [[[1, 2], [0, 3]]]

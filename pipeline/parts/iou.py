@@ -29,9 +29,11 @@ from typing import Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment  # Hungarian: exact, O(n^3), tested; no reason to hand-write
 
-__all__ = ["PartIoU", "part_iou", "part_confusion", "part_iou_from_confusion"]
+__all__ = ["PartIoU", "part_iou", "part_confusion", "part_iou_from_confusion", "class_part_iou", "upsample_ids",
+           "patch_majority"]
 
 Ids = Union[np.ndarray, torch.Tensor]
 
@@ -140,3 +142,54 @@ def part_iou(pred: Ids, truth: Ids, ignore_background: bool = True, *, num_ids: 
     (background too when ``ignore_background=False``).
     """
     return part_iou_from_confusion(part_confusion(pred, truth, num_ids, num_parts), ignore_background)
+
+
+def class_part_iou(conf: np.ndarray, labels: Ids, class_names: list[str], part_names: list[str]) -> dict:
+    """Part IoU of a set of several object classes, from its per-image confusion ``[B, N, P + 1]``.
+
+    A part learner's N ids are shared by all classes (the id that is a car's wheel may be a person's head),
+    so the headline ``miou`` matches ids to parts **per object class** (images of label ``k`` only, the
+    protocol of :func:`part_iou_from_confusion` on them: parts the class never shows are left out) and
+    averages the classes' mIoUs; ``per_image_miou`` likewise. ``miou_global`` is one matching over the whole
+    set, which asks an id to mean the same part in every class. JSON-ready floats (NaN -> None)."""
+    conf, labels = np.asarray(conf), np.asarray(labels)
+    if labels.shape != conf.shape[:1]:
+        raise ValueError(f"labels: expected one per image ({conf.shape[0]}), got shape {labels.shape}")
+    if conf.shape[2] != len(part_names):
+        raise ValueError(f"part_names: {len(part_names)} names for {conf.shape[2]} true classes (background first)")
+    per_class, per_image, per_part = {}, [], {}
+    for k, name in enumerate(class_names):
+        sel = labels == k
+        if not sel.any():
+            continue
+        res = part_iou_from_confusion(conf[sel])
+        per_class[name] = res.miou
+        per_image.append(res.per_image_miou)
+        for j in np.flatnonzero(~np.isnan(res.per_part[1:])) + 1:
+            per_part.setdefault(part_names[j], []).append(res.per_part[j])
+    if not per_class:
+        raise ValueError("labels: no image of any class in class_names")
+    glob = part_iou_from_confusion(conf)
+
+    def num(x: float):
+        return None if np.isnan(x) else round(float(x), 6)
+
+    return {
+        "miou": num(np.nanmean(list(per_class.values()))),
+        "per_image_miou": num(np.nanmean(per_image)),
+        "miou_global": num(glob.miou),
+        "per_class": {k: num(v) for k, v in per_class.items()},
+        "per_part": {k: num(np.mean(v)) for k, v in sorted(per_part.items(), key=lambda kv: part_names.index(kv[0]))},
+    }
+
+
+def upsample_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """Patch ids ``[B, g, g]`` -> pixel ids ``[B, size, size]``, each patch's id over its pixels (nearest)."""
+    return F.interpolate(ids[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+
+
+def patch_majority(truth: torch.Tensor, grid: int, num_classes: int) -> torch.Tensor:
+    """The most frequent true class of each patch ``[B, grid, grid]`` (ties: the lowest id): the best any
+    one-id-per-patch map can do, a ceiling for the part maps on that grid."""
+    onehot = F.one_hot(truth.long(), num_classes).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(onehot, grid).argmax(1)
