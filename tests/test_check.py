@@ -178,6 +178,13 @@ RULES = {
     # rule: (the failing sections, the same sections with the boundary value, "error" or "warning", fragments)
     "holdout_below_classes": ({"prepare": {"holdout_size": 9}}, {"prepare": {"holdout_size": 10}}, "warning",
                               ["'prepare.holdout_size' = 9 is below the 10 classes"]),
+    "synthetic_train_below_classes": ({"prepare": {"source": "synthetic_parts", "train_limit": 5}},
+                                      {"prepare": {"source": "synthetic_parts", "train_limit": 6}}, "error",
+                                      ["'prepare.train_limit' = 5 is below the 6 classes"]),
+    "synthetic_pretrain_batch_above_train_images": (
+        {"prepare": {"source": "synthetic_parts", "train_limit": 100}, "pretrain": mae(batch_size=101)},
+        {"prepare": {"source": "synthetic_parts", "train_limit": 100}, "pretrain": mae(batch_size=100)}, "error",
+        ["pretrain@v-0: batch_size=101 exceeds the 100 train images"]),
     "teacher_checkpoint_missing": ({"teacher": {"checkpoint": "nowhere/teacher.pth"}}, None, "error",
                                    ["'teacher.checkpoint' = 'nowhere/teacher.pth' does not exist", "teacher.init: train"]),
     "num_parts_above_teacher_patches": (

@@ -66,7 +66,7 @@ def _train_images(prep: Optional[PrepareConfig]) -> Optional[int]:
     if prep.source == "fashion_mnist":  # the hold-out is carved out of the 60k first, train_limit draws from the rest
         rest = max(FASHION_MNIST_TRAIN - prep.holdout_size, 0)
         return min(prep.train_limit or rest, rest)
-    return prep.train_limit
+    return prep.train_limit  # imagefolder: at most that; synthetic_parts: exactly (generated; required there)
 
 
 FASHION_MNIST_CLASSES = 10
@@ -74,11 +74,16 @@ FASHION_MNIST_CLASSES = 10
 
 def _num_classes(prep: Optional[PrepareConfig]) -> Optional[int]:
     """Classes the prepare section will produce (the probe head's outputs), when knowable cheaply: 10 for
-    Fashion-MNIST, the class folders of an imagefolder's train_dir (listed, not read)."""
+    Fashion-MNIST, the generator's classes for synthetic_parts, the class folders of an imagefolder's train_dir
+    (listed, not read)."""
     if prep is None:
         return None
     if prep.source == "fashion_mnist":
         return FASHION_MNIST_CLASSES
+    if prep.source == "synthetic_parts":
+        from pipeline.data.synthetic_parts import CLASSES  # here, not at the top: configs import no data code
+
+        return len(CLASSES)
     train = Path(prep.root) / prep.train_dir  # as prepare resolves it: relative to the working directory
     if not train.is_dir():
         return None  # prepare itself names the missing directory

@@ -4,6 +4,11 @@
 draws ``train`` from the rest (the two never share an image): choices such as the linear probe's
 learning rate are made on it, so that ``val`` stays untouched for the reported numbers.
 
+``source: synthetic_parts`` generates its images (``train_limit + holdout_size`` of the generator's split
+``train``, ``val_limit`` of its split ``val``) and stores each one's ground-truth part mask beside it, as
+the member ``truth.png`` (8-bit grayscale, ids into ``index.json``'s ``part_names``); training readers
+ignore it, :func:`pipeline.data.images.load_split_truth` reads it.
+
 Determinism: subsets, the held-out split and the sample order come from seeded generators; PNG
 encoding, tar entries (fixed mtime, sorted extensions) and JSON (sorted keys) are byte-stable, and
 encoding in worker processes keeps the input order. The same source and params give identical bytes.
@@ -34,8 +39,10 @@ from pipeline.data.sources import (
     DataSourceError,
     Record,
     load_fashion_mnist,
+    load_synthetic_parts,
     scan_imagefolder,
 )
+from pipeline.data.synthetic_parts import PART_NAMES
 from pipeline.io import atomic_output_dir, ensure_free_space, json_bytes
 
 __all__ = ["prepare_dataset", "balanced_subset", "encode_record", "load_source", "select_splits", "SPLITS"]
@@ -46,8 +53,11 @@ SPLITS = ("train", "holdout", "val")
 
 
 def load_source(cfg: PrepareConfig) -> tuple[dict[str, list[Record]], list[str]]:
+    """The source's records per split (``train``: the pool hold-out and train are drawn from) and class names."""
     if cfg.source == "fashion_mnist":
         return load_fashion_mnist(cfg.root)
+    if cfg.source == "synthetic_parts":  # exactly the images the splits take: the hold-out and train_limit, val_limit
+        return load_synthetic_parts(cfg.train_limit + cfg.holdout_size, cfg.val_limit, cfg.synthetic_size, cfg.seed)
     return scan_imagefolder(cfg.root, cfg.train_dir, cfg.val_dir, cfg.val_fraction, cfg.seed)
 
 
@@ -90,6 +100,11 @@ def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
     return img.resize(_shorter_side_to(*img.size, size), Image.Resampling.BICUBIC)
 
 
+def _source_name(cfg: PrepareConfig) -> str:
+    """The source as messages name it: its directory, or the generator."""
+    return "synthetic_parts" if cfg.source == "synthetic_parts" else cfg.root
+
+
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)
@@ -108,7 +123,9 @@ def encode_record(rec: Record, resize: Optional[int], jpeg_quality: int) -> tupl
 
     Decoded arrays become lossless PNG. JPEG files are passed through byte for byte unless a resize
     shrinks them (shorter side above ``resize``: then re-encoded as JPEG); other files are decoded and
-    stored as PNG, 8 bits per channel (16-bit images keep their high byte).
+    stored as PNG, 8 bits per channel (16-bit images keep their high byte). A record's ``mask`` becomes the
+    member ``truth.png`` (grayscale PNG) of the stored image's size: resized with NEAREST (ids are not
+    blended) when the image is shrunk.
     """
     try:
         if rec.pixels is not None:
@@ -150,6 +167,14 @@ def encode_record(rec: Record, resize: Optional[int], jpeg_quality: int) -> tupl
         "cls": str(rec.label).encode(),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
+    if rec.mask is not None:
+        if rec.mask.dtype != np.uint8 or list(rec.mask.shape[::-1]) != orig_size:
+            raise DataSourceError(f"{rec.source_id}: part mask {rec.mask.dtype} {list(rec.mask.shape)} is not uint8 of "
+                                  f"the image's height x width {orig_size[::-1]}; the source is broken")  # fmt: skip
+        truth = Image.fromarray(rec.mask)
+        if truth.size != img.size:
+            truth = truth.resize(img.size, Image.Resampling.NEAREST)
+        sample["truth.png"] = _png(truth)
     return sample, None
 
 
@@ -236,11 +261,31 @@ def _image_bound(rec: Record, resize: Optional[int]) -> int:
     return _png_bound(w, h, channels) + extra
 
 
+def _truth_member_bound(rec: Record, resize: Optional[int]) -> int:
+    """An upper bound of the tar member ``<key>.truth.png`` (the part mask, one channel at the stored image's
+    size) of ``rec``; 0 without a mask."""
+    if rec.mask is None:
+        return 0
+    h, w = rec.mask.shape
+    if resize is not None and min(w, h) > resize:
+        w, h = _shorter_side_to(w, h, resize)
+    return _tar_member(len(rec.key) + len(".truth.png"), _png_bound(w, h, 1))
+
+
+def _index_head(cfg: PrepareConfig, classes: list[str]) -> dict:
+    """``index.json`` but its splits: ``part_names`` only for a source with ground-truth part masks (the
+    indexes of the others stay as they were)."""
+    index: dict = {"format": INDEX_FORMAT, "source": cfg.source, "classes": classes, "splits": {}, "skipped": {}}
+    if cfg.source == "synthetic_parts":
+        index["part_names"] = list(PART_NAMES)
+    return index
+
+
 def _index_bound(cfg: PrepareConfig, chosen: dict[str, list[Record]], classes: list[str]) -> int:
     """The size of the largest ``index.json`` the run can write: every count at 16 digits, every image
     that ``max_skip_fraction`` allows to be skipped (the longest source names) listed."""
     big = 10**15
-    index = {"format": INDEX_FORMAT, "source": cfg.source, "classes": classes, "splits": {}, "skipped": {}}
+    index = _index_head(cfg, classes)
     for split, records in chosen.items():
         shard = {"file": f"{split}-000000.tar", "num_samples": big, "sha256": "0" * 64, "bytes": big}
         shards = -(-len(records) // cfg.shard_size)
@@ -259,8 +304,9 @@ def _estimated_bytes(cfg: PrepareConfig, chosen: dict[str, list[Record]], classe
         shards = -(-len(records) // cfg.shard_size)
         total, files = total + shards * _TAR_END, files + shards
         for r in records:  # the members <key>.cls, <key>.json ({"orig_size": [w, h], "source": ...}), <key>.png|jpg
-            n = len(r.key)
+            n = len(r.key)  # ... and <key>.truth.png with a part mask
             total += _tar_member(n + 4, len(str(r.label))) + _tar_member(n + 4, _image_bound(r, cfg.resize))
+            total += _truth_member_bound(r, cfg.resize)
             total += _tar_member(n + 5, len(json.dumps(r.source_id)) + len('{"orig_size": [, ], "source": }') + 2 * 10)
     return total, files
 
@@ -278,9 +324,9 @@ def select_splits(cfg: PrepareConfig, splits: dict[str, list[Record]], num_class
     present = int(np.count_nonzero(np.bincount(labels, minlength=num_classes)))
     if cfg.holdout_size > len(source) - present:
         raise DataSourceError(
-            f"prepare.holdout_size={cfg.holdout_size}: the training source ({cfg.root}) has {len(source)} images in "
-            f"{present} classes, so at most {max(0, len(source) - present)} can be held out while every class keeps "
-            "one training image; lower prepare.holdout_size or add training images"
+            f"prepare.holdout_size={cfg.holdout_size}: the training source ({_source_name(cfg)}) has {len(source)} "
+            f"images in {present} classes, so at most {max(0, len(source) - present)} can be held out while every "
+            "class keeps one training image; lower prepare.holdout_size or add training images"
         )
     rng = np.random.default_rng([cfg.seed, _SPLIT_IDS["holdout"]])
     held = balanced_subset(labels, cfg.holdout_size, num_classes, rng, reserve=1)
@@ -298,7 +344,7 @@ def prepare_dataset(cfg: PrepareConfig, out_dir: str | Path) -> dict:
     """Build the shard set in ``out_dir`` (replaced atomically on success) and return its metrics."""
     splits, classes = load_source(cfg)  # fails on a missing/malformed source before any output
     chosen = select_splits(cfg, splits, len(classes))  # ... and on a hold-out the source cannot give
-    index: dict = {"format": INDEX_FORMAT, "source": cfg.source, "classes": classes, "splits": {}, "skipped": {}}
+    index = _index_head(cfg, classes)
     needed, files = _estimated_bytes(cfg, chosen, classes)
     ensure_free_space(out_dir, needed, "the prepared shards (prepare.train_limit / val_limit / holdout_size)", files)
     with atomic_output_dir(out_dir) as tmp:
@@ -313,7 +359,7 @@ def prepare_dataset(cfg: PrepareConfig, out_dir: str | Path) -> dict:
             dropped = set(skipped)
             kept = np.array([r.label for r in selected if r.source_id not in dropped], dtype=np.int64)
             if kept.size == 0:
-                raise DataSourceError(f"{split}: no images left to write (source {cfg.root})")
+                raise DataSourceError(f"{split}: no images left to write (source {_source_name(cfg)})")
             index["splits"][split] = {
                 "num_samples": int(kept.size),
                 "class_counts": np.bincount(kept, minlength=len(classes)).tolist(),

@@ -7,9 +7,10 @@ A prepared shard set is a directory::
     val/val-000000.tar ...
 
 Each sample holds ``__key__``, the image (``png`` or ``jpg``), ``cls`` (ASCII int) and ``json``
-(source id, original size); part shards add ``parts.npy`` (uint8 part ids on the MAE patch grid) and
-``attn.npy`` (float16, the teacher's CLS attention on the same grid). Decoding only ever parses known
-extensions: nothing from a shard is unpickled or executed.
+(source id, original size); ``prepare.source: synthetic_parts`` adds ``truth.png`` (the ground-truth part
+mask, read by :func:`decode_truth` only: :func:`decode_sample` ignores it); part shards add ``parts.npy``
+(uint8 part ids on the MAE patch grid) and ``attn.npy`` (float16, the teacher's CLS attention on the same
+grid). Decoding only ever parses known extensions: nothing from a shard is unpickled or executed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "iter_samples",
     "decode_sample",
     "decode_image",
+    "decode_truth",
     "read_npy_uint8",
     "read_npy_float16",
     "image_error",
@@ -215,6 +217,25 @@ def decode_image(data: bytes, mode: str = "RGB", where: str = "image") -> Image.
         return img.convert(mode) if mode and img.mode != mode else img
     except IMAGE_ERRORS as exc:
         raise ShardFormatError(f"{where}: undecodable image ({image_error(exc)})") from None
+
+
+def decode_truth(data: bytes, where: str) -> np.ndarray:
+    """A ``truth.png`` member (a ground-truth part mask) as ``uint8 [H, W]`` part ids. Strict: an 8-bit
+    grayscale (mode L) PNG and nothing else, since any conversion (palette, RGB, 16-bit, or the 1/2/4-bit
+    grayscale Pillow scales up to mode L) would invent ids; otherwise a :class:`ShardFormatError` naming
+    ``where`` and the member."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        # the stored sample format, known before decoding (a tile's args: a raw mode, or a tuple led by one)
+        raw_modes = {str(t[3] if isinstance(t[3], str) else t[3][0]) for t in img.tile}
+        if img.format == "PNG" and img.mode == "L" and raw_modes == {"L"}:
+            img.load()
+            return np.array(img, dtype=np.uint8)
+    except IMAGE_ERRORS as exc:
+        raise ShardFormatError(f"{where}: undecodable truth.png ({image_error(exc)})") from None
+    raise ShardFormatError(f"{where}: truth.png is a {img.format} image of mode {img.mode} "
+                           f"({'/'.join(sorted(raw_modes))} samples), expected an 8-bit grayscale (mode L) PNG of "
+                           "part ids; the shards are corrupt (rerun prepare)")  # fmt: skip
 
 
 def image_error(exc: BaseException) -> str:

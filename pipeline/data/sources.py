@@ -1,7 +1,9 @@
-"""Labelled image sources for ``prepare``: Fashion-MNIST idx files and ImageFolder trees.
+"""Labelled image sources for ``prepare``: Fashion-MNIST idx files, ImageFolder trees and the generated
+``synthetic_parts`` set (images with ground-truth part masks).
 
 A source yields :class:`Record` lists (one per split) and the class names. Records are cheap
-descriptions; the pixels are read and encoded later by :mod:`pipeline.data.prepare`.
+descriptions (the generated set's aside: they hold their pixels and masks); the pixels are read and
+encoded later by :mod:`pipeline.data.prepare`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "FASHION_MNIST_FILES",
     "load_fashion_mnist",
     "scan_imagefolder",
+    "load_synthetic_parts",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -33,13 +36,15 @@ class DataSourceError(PipelineError):
 
 @dataclass(frozen=True)
 class Record:
-    """One labelled image. ``pixels`` (decoded uint8 array) or ``path`` (an image file) is set."""
+    """One labelled image. ``pixels`` (decoded uint8 array) or ``path`` (an image file) is set; ``mask``
+    (uint8 ``[H, W]`` ground-truth part ids of ``pixels``, ``synthetic_parts`` only) is stored beside it."""
 
     key: str
     label: int
     source_id: str
     pixels: Optional[np.ndarray] = None
     path: Optional[Path] = None
+    mask: Optional[np.ndarray] = None
 
 
 FASHION_MNIST_CLASSES = (
@@ -199,3 +204,18 @@ def scan_imagefolder(
         "train": _records(train_part, train_root, classes, "train"),
         "val": _records(val_part, train_root, classes, "val"),
     }, classes
+
+
+def load_synthetic_parts(train: int, val: int, size: int, seed: int) -> tuple[dict[str, list[Record]], list[str]]:
+    """Generate the ``synthetic_parts`` pools: ``train`` images of its split ``train`` (the caller carves the
+    hold-out out of them) and ``val`` of its split ``val``, ``size`` pixels per side, class-balanced, each a
+    pure function of ``(seed, split, index, size)``, with its part mask. Class names:
+    :data:`pipeline.data.synthetic_parts.CLASSES`."""
+    from pipeline.data import synthetic_parts as sp  # numpy + PIL drawing; it imports this module
+
+    splits = {
+        split: [Record(key=s.key, label=s.label, source_id=f"synthetic_parts/{split}/{i}", pixels=s.image, mask=s.mask)
+                for i, s in enumerate(sp.generate(n, size, seed, split, balanced=True))]
+        for split, n in (("train", train), ("val", val))
+    }  # fmt: skip
+    return splits, list(sp.CLASSES)
