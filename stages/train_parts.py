@@ -29,8 +29,10 @@ def main(
     """Train the part learner (parts.method=learned) or take attention heads, and report part statistics.
 
     Statistics on validation argmax maps: per-part share (min/max), spatial coherence next to
-    position-shuffled maps, for the method and for three references (attention heads, k-means on
-    patch tokens, the learner on a random teacher).
+    position-shuffled maps, for the method and its references (attention heads, k-means on patch
+    tokens, the learner on a random teacher, the learner with the other form of part tokens). On a
+    prepared set with ground-truth part masks (prepare.source: synthetic_parts), also the part IoU of
+    each, and of the patch-grid oracle.
     """
     import torch
 

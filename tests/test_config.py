@@ -65,7 +65,7 @@ def test_valid_values_are_accepted(tmp_path):
         ("shard_size", "100", "valid integer"),
         ("train_limit", 2.5, "valid integer"),
         ("val_fraction", 1.5, "less than 1"),
-        ("source", "cifar", "'fashion_mnist' or 'imagefolder'"),
+        ("source", "cifar", "'fashion_mnist', 'imagefolder' or 'synthetic_parts'"),
         ("on_corrupt", "ignore", "'fail' or 'skip'"),
         ("jpeg_quality", 101, "less than or equal to 100"),
         ("seed", -1, "greater than or equal to 0"),

@@ -1,9 +1,13 @@
 """The ``train_parts`` stage's logic: fit the part learner (or take attention heads) and judge it.
 
-Metrics (on the validation split's argmax maps, before any blur) for the chosen method and three
+Metrics (on the validation split's argmax maps, before any blur) for the chosen method and its
 references, so a reader sees what the teacher's features add: parts from the teacher's attention
-heads, k-means (N clusters) on the teacher's patch tokens, and the same part learner trained on a
-randomly initialised teacher of the same shape.
+heads, k-means (N clusters) on the teacher's patch tokens, the same part learner trained on a
+randomly initialised teacher of the same shape, and (for ``learned``) the learner with the other form
+of part tokens. Where the prepared set has ground-truth part masks (``prepare.source:
+synthetic_parts``), each also gets its part IoU (:func:`pipeline.parts.iou.class_part_iou`, pixel level,
+the patch ids spread over their pixels), next to the IoU of the patch-grid oracle (each patch's majority
+true part: the ceiling of any one-id-per-patch map).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import torch
 
 from pipeline.config.base import resolved_config
 from pipeline.config.parts import PartsConfig
-from pipeline.data.images import load_split, normalize
+from pipeline.data.images import load_split, load_split_truth, normalize
+from pipeline.data.shards import read_index
 from pipeline.features import FeatureError, load_features, read_features_index
 from pipeline.io import atomic_output_dir
 from pipeline.parts.figures import part_overlay_grid
+from pipeline.parts.iou import class_part_iou, part_confusion, patch_majority, upsample_ids
 from pipeline.parts.metrics import (
     attention_head_parts,
     cls_attention,
@@ -35,6 +41,7 @@ from pipeline.parts.train import (
     part_ids,
     train_part_learner,
 )
+from pipeline.parts.model import TOKEN_FORMS
 from pipeline.parts.load import PARTS_CHECKPOINT, KMeansParts, load_part_learner, parts_teacher, random_teacher
 from pipeline.teacher.load import load_teacher
 
@@ -44,13 +51,32 @@ log = logging.getLogger(__name__)
 KMEANS_MAX_TOKENS = 50_000
 
 
-def _aligned_images(prepared_dir, split: str, size: int, keys: np.ndarray) -> torch.Tensor:
-    images, _, all_keys = load_split(prepared_dir, split, size)
+def _order(all_keys: list[str], keys: np.ndarray, split: str) -> torch.Tensor:
+    """Positions of ``keys`` (the features' order) in ``all_keys`` (the shards')."""
     pos = {k: i for i, k in enumerate(all_keys)}
-    missing = [k for k in keys[:5] if k not in pos]
+    missing = [k for k in keys if k not in pos][:5]
     if missing:
         raise FeatureError(f"feature keys {missing} are not in the prepared {split} shards: features and shards differ")
-    return images[torch.tensor([pos[k] for k in keys])]
+    return torch.tensor([pos[k] for k in keys])
+
+
+def _aligned_images(prepared_dir, split: str, size: int, keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels, all_keys = load_split(prepared_dir, split, size)
+    order = _order(all_keys, keys, split)
+    return images[order], labels[order]
+
+
+def _part_iou(columns: dict[str, torch.Tensor], names: dict[str, str], truth: torch.Tensor, labels: torch.Tensor,
+              num_ids: dict[str, int], classes: list[str], part_names: list[str]) -> dict[str, dict]:  # fmt: skip
+    """Part IoU of every segmentation in ``columns`` (patch ids) against ``truth`` (pixels), and the oracle's."""
+    size, grid, p = truth.shape[-1], next(iter(columns.values())).shape[-1], len(part_names) - 1
+    out = {}
+    for title, ids in columns.items():
+        conf = part_confusion(upsample_ids(ids.long(), size), truth, num_ids[title], p)
+        out[names[title]] = class_part_iou(conf, labels, classes, part_names)
+    oracle = upsample_ids(patch_majority(truth, grid, p + 1), size)
+    out["patch_grid_oracle"] = class_part_iou(part_confusion(oracle, truth, p + 1, p), labels, classes, part_names)
+    return out
 
 
 @torch.no_grad()
@@ -106,16 +132,22 @@ def build_parts(
     tr, va = load_features(features_dir, "train"), load_features(features_dir, "val")
     tr_cls, tr_patches = torch.from_numpy(tr["cls"]), torch.from_numpy(tr["patches"])
     va_cls, va_patches = torch.from_numpy(va["cls"]), torch.from_numpy(va["patches"])
-    tr_images = _aligned_images(prepared_dir, "train", tcfg.img_size, tr["key"])
-    va_images = _aligned_images(prepared_dir, "val", tcfg.img_size, va["key"])
+    tr_images, _ = _aligned_images(prepared_dir, "train", tcfg.img_size, tr["key"])
+    va_images, va_labels = _aligned_images(prepared_dir, "val", tcfg.img_size, va["key"])
+    prepared_index = read_index(prepared_dir)
+    part_names = prepared_index.get("part_names")  # ground truth: only sources that have it
+    truth = None
+    if part_names is not None:
+        truth, truth_keys = load_split_truth(prepared_dir, "val", tcfg.img_size)
+        truth = truth[_order(truth_keys, va["key"], "val")]
 
     metrics: dict = {"method": cfg.method, "num_parts": n_parts}
     stores: dict[str, ResumeStore] = {}
-    if resume_dir is not None:  # the two trainings (the method's, the random-teacher reference's) resume apart
+    if resume_dir is not None:  # each training (the method's, the random-teacher's, the other tokens') resumes apart
         key = fingerprint(resolved_config(cfg, "parts"), teacher_sha, json.dumps(index, sort_keys=True),
                           (Path(prepared_dir) / "index.json").read_bytes(),
                           *[p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))])  # fmt: skip
-        stores = {name: ResumeStore(Path(resume_dir) / name, key) for name in ("method", "reference")}
+        stores = {name: ResumeStore(Path(resume_dir) / name, key) for name in ("method", "reference", "other_tokens")}
     columns: dict[str, torch.Tensor] = {}
     model, extra = None, {}
     if cfg.method in ("learned", "random_teacher"):
@@ -129,7 +161,8 @@ def build_parts(
         model.cpu().eval()
         with torch.no_grad():
             metrics["val_recon_l1"] = losses(model, va_cls, va_patches, va_images, cfg)["recon"].item()
-        columns["learned parts" if cfg.method == "learned" else "random-teacher parts (method)"] = part_ids(model, va_cls, va_patches)
+        title = f"learned parts ({cfg.tokens})" if cfg.method == "learned" else "random-teacher parts (method)"
+        columns[title] = part_ids(model, va_cls, va_patches)
     elif cfg.method == "kmeans":
         model = _fit_kmeans(tr_patches, n_parts, cfg.seed, grid)
         columns["k-means parts (method)"] = model.part_logits(None, va_patches).argmax(1).to(torch.uint8)
@@ -145,22 +178,35 @@ def build_parts(
             train_part_learner(rand_model, *r_tr, tr_images, cfg, device, desc="train parts (random teacher)",
                                store=stores.get("reference"))  # fmt: skip
             columns["random-teacher parts"] = part_ids(rand_model.cpu(), *r_va)
+            other = next(t for t in TOKEN_FORMS if t != cfg.tokens)  # the same learner, the other part tokens
+            other_model = build_part_learner(cfg, dim, grid, tcfg.img_size, tokens=other)
+            train_part_learner(other_model, tr_cls, tr_patches, tr_images, cfg, device, desc=f"train parts ({other})",
+                               store=stores.get("other_tokens"))  # fmt: skip
+            columns[f"learned parts ({other})"] = part_ids(other_model.cpu(), va_cls, va_patches)
     heads = vit.blocks[-1].attn.num_heads
-    names = {"learned parts": "parts", "k-means": "kmeans", "random-teacher parts": "random_teacher",
+    names = {"k-means": "kmeans", "random-teacher parts": "random_teacher",
              "random-teacher parts (method)": "parts", "k-means parts (method)": "parts",
-             "attention heads": "parts" if cfg.method == "attention_heads" else "attention_heads"}  # fmt: skip
+             "attention heads": "parts" if cfg.method == "attention_heads" else "attention_heads",
+             **{f"learned parts ({t})": "parts" if t == cfg.tokens else f"parts_{t}" for t in TOKEN_FORMS}}  # fmt: skip
+    num_ids = {title: heads if title == "attention heads" else n_parts for title in columns}
     for title, ids in columns.items():
-        metrics[names[title]] = segmentation_stats(ids.long(), heads if title == "attention heads" else n_parts, cfg.seed)
+        metrics[names[title]] = segmentation_stats(ids.long(), num_ids[title], cfg.seed)
+    if truth is not None:
+        scores = _part_iou(columns, names, truth, va_labels, num_ids, prepared_index["classes"], part_names)
+        for name, score in scores.items():
+            metrics.setdefault(name, {})["part_iou"] = score
 
     meta = {"method": cfg.method, "dim": dim, "grid": list(grid), "num_parts": n_parts, "image_size": tcfg.img_size,
             "decoder_channels": cfg.decoder_channels, "style_dim": cfg.style_dim, "blur_size": cfg.blur_size,
-            "blur_sigma": cfg.blur_sigma, "temperature": cfg.temperature, "teacher_sha256": teacher_sha}  # fmt: skip
+            "blur_sigma": cfg.blur_sigma, "temperature": cfg.temperature, "tokens": cfg.tokens,
+            "teacher_sha256": teacher_sha}  # fmt: skip
     with atomic_output_dir(out_dir) as tmp:
         state = model.state_dict() if model is not None else {}
         torch.save({"state_dict": state, "meta": meta, **extra}, tmp / PARTS_CHECKPOINT)
         (tmp / "config.json").write_bytes(resolved_config(cfg, "parts"))
     if figure_path is not None:
-        part_overlay_grid(va_images[:8], {t: ids[:8] for t, ids in columns.items()}, figure_path)
+        shown = {t: ids[:8] for t, ids in columns.items()} | ({} if truth is None else {"ground truth": truth[:8]})
+        part_overlay_grid(va_images[:8], shown, figure_path)
     for store in stores.values():
         store.clear()  # the outputs are written: nothing to resume
     return metrics
