@@ -320,3 +320,14 @@ def test_the_strategies_preset_is_the_default_with_seeds_and_the_four_strategies
     assert added == {"pretrain.variants.block.masking", "pretrain.variants.attention.masking"}
     masking = {over["masking"] for over in preset["pretrain"]["variants"].values()}
     assert masking == {"semantic", "random", "block", "attention"}
+
+
+def test_the_synthetic_parts_preset_is_the_default_on_synthetic_parts_with_seeds():
+    """The synthetic-parts preset changes only the image source and the seeds: every other setting (the teacher,
+    the part learner, pretraining, the probes) is the default's, so its numbers read next to the default's."""
+    default = flat(yaml.safe_load((REPO / "params.yaml").read_text()))
+    synthetic = flat(yaml.safe_load((REPO / "configs" / "synthetic-parts.yaml").read_text()))
+    assert set(synthetic) == set(default)
+    changed = {k for k in default if default[k] != synthetic[k]}
+    assert changed == {"prepare.source", "pretrain.seeds"}
+    assert synthetic["prepare.source"] == "synthetic_parts" and len(synthetic["pretrain.seeds"]) >= 3
