@@ -36,7 +36,8 @@ from pipeline.data.shards import (
 from pipeline.io import json_bytes
 from pipeline.mae.data import fixed_images, make_loader, require_attention
 from pipeline.mae.masking import noise_size
-from pipeline.parts.build import build_parts
+from pipeline.features import load_features
+from pipeline.parts.build import PARTS_CHECKPOINT, build_parts, load_part_learner
 from pipeline.parts.export import PARTS_FORMAT, export_parts
 from pipeline.teacher.build import load_teacher
 from test_export_parts import head_attention, split_images
@@ -132,6 +133,26 @@ def test_the_attention_is_the_real_teachers_with_a_random_teacher_part_learner(e
     np.testing.assert_allclose(np.stack([decoded[k] for k in keys]).astype(np.float32),
                                expected_attention(teacher, x, 8).astype(np.float16).astype(np.float32), rtol=2e-3,
                                atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["kmeans", "learned"])
+def test_one_teacher_pass_gives_the_parts_and_the_attention(exported, tmp_path, method):
+    """Methods reading the real teacher's tokens take the attention from the same forward pass (a hook on the
+    last attention module): still timm's last-block attention, and the maps those of the tokens alone."""
+    prepared, teacher, _, features = exported
+    cfg = PartsConfig(method=method, num_parts=3, epochs=1, batch_size=16, decoder_channels=8, style_dim=8)
+    build_parts(cfg, prepared, teacher, features, tmp_path / "parts", references=False)
+    export_parts(ExportPartsConfig(grid=8, batch_size=8), prepared, teacher, tmp_path / "parts", tmp_path / "e")
+    keys, x = split_images(prepared, "val", size=32)
+    decoded = {s["__key__"]: s for s in iter_samples(shard_paths(tmp_path / "e", "val", PARTS_FORMAT))}
+    np.testing.assert_allclose(np.stack([decoded[k]["attention"] for k in keys]).astype(np.float32),
+                               expected_attention(teacher, x, 8).astype(np.float16).astype(np.float32), rtol=2e-3,
+                               atol=1e-6)  # fmt: skip
+    learner, _ = load_part_learner(tmp_path / "parts" / PARTS_CHECKPOINT)
+    feats = load_features(features, "val")
+    want = learner.part_logits(torch.from_numpy(feats["cls"]).float(), torch.from_numpy(feats["patches"]).float())
+    got = np.stack([decoded[k]["parts"] for k in feats["key"]])
+    np.testing.assert_array_equal(got, want.argmax(1).numpy())
 
 
 def test_the_free_space_asked_for_counts_both_map_members(exported, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ from pipeline.data.shards import (
 from pipeline.features import FeatureError, run_sharded_own_temporary
 from pipeline.io import ensure_free_space, file_sha256, json_bytes
 from pipeline.parts.load import PARTS_CHECKPOINT, load_part_learner, parts_teacher
-from pipeline.parts.metrics import cls_attention
+from pipeline.parts.metrics import cls_attention, tokens_and_cls_attention
 from pipeline.teacher.load import load_teacher
 
 __all__ = ["PARTS_FORMAT", "ATTENTION_SOURCE", "export_parts", "soft_part_maps", "attention_maps"]
@@ -57,22 +57,25 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def soft_part_maps(vit, learner, meta: dict, x: torch.Tensor) -> torch.Tensor:
-    """Soft part maps ``[B, N, H, W]`` on the teacher grid for normalised images ``x``."""
+def soft_part_maps(vit, learner, meta: dict, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft part maps ``[B, N, H, W]`` on the teacher grid for normalised images ``x`` (``tokens``: ``vit``'s
+    ``forward_features(x)`` when already computed)."""
     grid = tuple(meta["grid"])
     if meta["method"] == "attention_heads":
         attn = cls_attention(vit, x)  # [B, heads, L]
         return attn.view(attn.shape[0], attn.shape[1], *grid).float()
-    tokens = vit.forward_features(x).to(torch.float16)  # as stored by extract
+    tokens = (vit.forward_features(x) if tokens is None else tokens).to(torch.float16)  # as stored by extract
     prefix = vit.num_prefix_tokens
     return learner.part_logits(tokens[:, 0].float(), tokens[:, prefix:].float()).softmax(1)
 
 
 @torch.no_grad()
-def attention_maps(vit, x: torch.Tensor, teacher_grid: tuple[int, int], grid: int) -> torch.Tensor:
+def attention_maps(vit, x: torch.Tensor, teacher_grid: tuple[int, int], grid: int,
+                   attention: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``vit``'s last-block CLS-to-patch attention, mean over heads, on a ``grid x grid`` map ``float32
-    [B, grid, grid]``: bilinear when upsampling the teacher grid, area (adaptive average) when downsampling."""
-    attn = cls_attention(vit, x).float().mean(1)  # [B, L]
+    [B, grid, grid]``: bilinear when upsampling the teacher grid, area (adaptive average) when downsampling.
+    ``attention``: :func:`cls_attention` of ``x`` when already computed."""
+    attn = (cls_attention(vit, x) if attention is None else attention).float().mean(1)  # [B, L]
     maps = attn.view(attn.shape[0], 1, *teacher_grid)
     if teacher_grid[0] < grid:
         maps = F.interpolate(maps, size=(grid, grid), mode="bilinear", align_corners=False)
@@ -117,8 +120,13 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
         """Part ids ``uint8 [B, grid, grid]`` and attention ``float16 [B, grid, grid]`` of a batch."""
         x = normalize(torch.from_numpy(np.stack(images)).to(device).float() / 255)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            soft = soft_part_maps(tokens_vit, learner, meta, x).float()
-            attn = attention_maps(vit, x, teacher_grid, grid)
+            if tokens_vit is vit and meta["method"] != "attention_heads":  # one teacher pass gives both
+                tokens, weights = tokens_and_cls_attention(vit, x)
+                soft = soft_part_maps(vit, learner, meta, x, tokens).float()
+                attn = attention_maps(vit, x, teacher_grid, grid, weights)
+            else:
+                soft = soft_part_maps(tokens_vit, learner, meta, x).float()
+                attn = attention_maps(vit, x, teacher_grid, grid)
         if soft.shape[-1] != grid:
             soft = F.interpolate(soft, size=(grid, grid), mode="bilinear", align_corners=False)
         return soft.argmax(1).to(torch.uint8).cpu().numpy(), attn.to(torch.float16).cpu().numpy()

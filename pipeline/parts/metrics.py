@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["part_shares", "coherence", "shuffled_coherence", "segmentation_stats", "kmeans", "attention_head_parts", "cls_attention"]
+__all__ = ["part_shares", "coherence", "shuffled_coherence", "segmentation_stats", "kmeans", "attention_head_parts", "cls_attention",
+           "tokens_and_cls_attention"]
 
 
 def part_shares(ids: torch.Tensor, num_parts: int) -> torch.Tensor:
@@ -70,6 +71,16 @@ def attention_head_parts(attn: torch.Tensor, grid: tuple[int, int]) -> torch.Ten
     return attn.argmax(dim=1).view(attn.shape[0], *grid)
 
 
+def _cls_weights(attn, x: torch.Tensor, prefix: int) -> torch.Tensor:
+    """CLS-to-patch softmax weights ``[B, heads, L]`` of timm ``Attention`` module ``attn`` given its input ``x``
+    (the block's normalised tokens): timm's fused attention never forms the weights, so they are recomputed."""
+    b, n, c = x.shape
+    qkv = attn.qkv(x).view(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    weights = (q[:, :, :1] @ k.transpose(-2, -1) * attn.scale).softmax(-1)  # [B, heads, 1, N]
+    return weights[:, :, 0, prefix:]
+
+
 @torch.no_grad()
 def cls_attention(vit, images: torch.Tensor) -> torch.Tensor:
     """Last-block CLS-to-patch attention of a timm ViT per head: ``[B, heads, L]`` (softmax over tokens)."""
@@ -77,9 +88,17 @@ def cls_attention(vit, images: torch.Tensor) -> torch.Tensor:
     for blk in vit.blocks[:-1]:
         x = blk(x)
     last = vit.blocks[-1]
-    attn = last.attn
-    b, n, c = x.shape
-    qkv = attn.qkv(last.norm1(x)).view(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    weights = (q[:, :, :1] @ k.transpose(-2, -1) * attn.scale).softmax(-1)  # [B, heads, 1, N]
-    return weights[:, :, 0, vit.num_prefix_tokens :]
+    return _cls_weights(last.attn, last.norm1(x), vit.num_prefix_tokens)
+
+
+@torch.no_grad()
+def tokens_and_cls_attention(vit, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vit.forward_features(images)`` and :func:`cls_attention` from one forward pass: the last attention
+    module's input is taken by a pre-hook on its way through."""
+    seen: list[torch.Tensor] = []
+    hook = vit.blocks[-1].attn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        tokens = vit.forward_features(images)
+    finally:
+        hook.remove()
+    return tokens, _cls_weights(vit.blocks[-1].attn, seen[0], vit.num_prefix_tokens)
