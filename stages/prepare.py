@@ -26,7 +26,8 @@ def main(
     OUT/config.json (the resolved parameters). Same source + params -> byte-identical output.
     """
     cfg = load_stage_config(PrepareConfig, params, "prepare")
-    log.info("source %s at %s -> %s", cfg.source, cfg.root, out)
+    where = f"{cfg.synthetic_size} px, seed {cfg.seed}" if cfg.source == "synthetic_parts" else cfg.root
+    log.info("source %s (%s) -> %s", cfg.source, where, out)
     result = prepare_dataset(cfg, out)
     atomic_write_json(metrics, result)
     log.info("done: %s", result)

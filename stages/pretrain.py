@@ -36,8 +36,9 @@ def main(
     from pipeline.resume import exclusive_run
 
     cfg = load_pretrain_config(params, variant, seed)
-    log.info("pretrain %s-%d: masking=%s schedule=%s epochs=%d batch=%d peak lr %.3g", variant, seed, cfg.masking,
-             cfg.schedule, cfg.epochs, cfg.batch_size, cfg.peak_lr())  # fmt: skip
+    schedule = f" schedule={cfg.schedule}" if cfg.masking == "semantic" else ""  # the other strategies have none
+    log.info("pretrain %s-%d: masking=%s%s epochs=%d batch=%d peak lr %.3g", variant, seed, cfg.masking, schedule,
+             cfg.epochs, cfg.batch_size, cfg.peak_lr())  # fmt: skip
     main = int(os.environ.get("RANK", "0")) == 0  # rank 0 under torchrun
     with exclusive_run(resume, "pretrain") if main else nullcontext():
         curve_log = CurveLog(curves, staged=True) if main else None  # replaces `curves` only at success
