@@ -230,3 +230,19 @@ def test_every_masking_strategy_is_compared_with_random_masking_on_every_protoco
     assert "| BEiT (block masking) − MAE (random masking) | linear top-1 | +2.50 | -3.85 to +8.85 | 2 |" in md
     comparisons = json.loads((tmp_path / "metrics" / "report.json").read_text())["comparisons"]
     assert {"block_vs_random", "attention_vs_random", "semantic_vs_random"} <= set(comparisons)
+
+
+def test_the_summary_carries_the_parts_quality_and_its_ground_truth_score(tmp_path):
+    """metrics/report.json's upstream numbers: the parts' statistics always, their part IoU and the oracle's
+    only when train_parts scored them against ground truth (the synthetic_parts source)."""
+    from pipeline.eval.report import upstream_numbers
+
+    stats = {"coherence": 0.6, "coherence_gain": 0.3, "min_share": 0.1, "max_share": 0.4}
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"parts": stats, "kmeans": stats}))
+    assert upstream_numbers(None, plain) == {"parts": stats}
+    scored = tmp_path / "scored.json"
+    scored.write_text(json.dumps({"parts": {**stats, "part_iou": {"miou": 0.25, "miou_global": 0.1}},
+                                  "kmeans": {**stats, "part_iou": {"miou": 0.3}},
+                                  "patch_grid_oracle": {"part_iou": {"miou": 0.5}}}))  # fmt: skip
+    assert upstream_numbers(None, scored) == {"parts": {**stats, "part_miou": 0.25, "part_miou_oracle": 0.5}}

@@ -242,8 +242,15 @@ def upstream_numbers(teacher: Path | None, parts: Path | None) -> dict:
         t = _load(teacher)
         out["teacher"] = {k: t[k] for k in UPSTREAM["teacher"] if isinstance(t.get(k), (int, float))}
     if parts is not None:
-        q = _load(parts).get("parts", {})
+        p = _load(parts)
+        q = p.get("parts", {})
         out["parts"] = {k: round(q[k], 6) for k in UPSTREAM["parts"] if isinstance(q.get(k), (int, float))}
+        # with ground-truth masks (prepare.source: synthetic_parts): how right the parts pretraining used are,
+        # and the ceiling of any patch map, beside the results
+        for key, entry in (("part_miou", q), ("part_miou_oracle", p.get("patch_grid_oracle", {}))):
+            miou = (entry.get("part_iou") or {}).get("miou")
+            if isinstance(miou, (int, float)):
+                out["parts"][key] = round(miou, 6)
     return out
 
 
