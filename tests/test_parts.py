@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.config import PartsConfig
 from pipeline.models.checkpoint import build_vit
-from pipeline.parts.metrics import attention_head_parts, cls_attention, coherence, kmeans, part_shares, segmentation_stats, shuffled_coherence
+from pipeline.parts.metrics import attention_head_parts, cls_attention, coherence, kmeans, part_shares, segmentation_stats, shuffle_within_images, shuffled_coherence
 from pipeline.parts.model import PartLearner, diversity_loss, usage_loss
 from pipeline.parts.train import build_part_learner, losses, part_ids, train_part_learner
 
@@ -152,3 +152,16 @@ def test_the_channel_grouping_learner_lowers_its_loss():
     with torch.no_grad():
         after = losses(model.eval(), cls, patches, images, cfg)["loss"].item()
     assert after < before
+
+
+def test_shuffling_inside_images_keeps_each_images_ids_and_moves_them():
+    ids = torch.arange(2 * 16).view(2, 4, 4) % 5
+    out = shuffle_within_images(ids, seed=1)
+    for b in range(2):
+        assert sorted(out[b].flatten().tolist()) == sorted(ids[b].flatten().tolist())  # same ids, same image
+    assert not torch.equal(out, ids) and torch.equal(out, shuffle_within_images(ids, seed=1))
+    assert not torch.equal(shuffle_within_images(ids, seed=1), shuffle_within_images(ids, seed=2))
+    # across images the permutations differ (one shared permutation would keep the images' layout in common)
+    same = torch.arange(16).view(1, 4, 4).expand(2, 4, 4)
+    shuffled = shuffle_within_images(same, seed=0)
+    assert not torch.equal(shuffled[0], shuffled[1])

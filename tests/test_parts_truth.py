@@ -18,6 +18,7 @@ from pipeline.models.checkpoint import build_vit, save_backbone
 from pipeline.parts.build import PARTS_CHECKPOINT, build_parts, load_part_learner
 from pipeline.parts.export import PARTS_FORMAT, export_parts
 from pipeline.parts.iou import part_iou
+from pipeline.parts.metrics import shuffle_within_images
 from pipeline.parts.train import part_ids
 
 TINY = dict(arch="vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2)
@@ -49,13 +50,15 @@ def test_every_segmentation_gets_its_part_iou_and_the_oracle_bounds_them(synthet
     names = ("parts", "parts_mlp", "kmeans", "attention_heads", "random_teacher", "patch_grid_oracle")
     for name in names:
         score = metrics[name]["part_iou"]
-        assert set(score) == {"miou", "per_image_miou", "miou_global", "per_class", "per_part"}, name
+        assert set(score) == {"miou", "per_image_miou", "miou_global", "per_class", "per_part", "miou_shuffled"}, name
         assert set(score["per_class"]) == set(CLASSES), name  # 30 balanced images: 5 of every class
         assert set(score["per_part"]) <= set(PART_NAMES[1:])
         assert 0 <= score["miou"] <= 1 and 0 <= score["miou_global"] <= 1
     oracle = metrics["patch_grid_oracle"]["part_iou"]["miou"]
     assert 0.3 < oracle < 1  # 4-px patches lose thin parts (masts, arms, legs) and every part's edges
     assert all(metrics[name]["part_iou"]["miou"] < oracle for name in names[:-1])
+    # shuffled inside each image, the oracle's patches lose most of what they were worth
+    assert metrics["patch_grid_oracle"]["part_iou"]["miou_shuffled"] < 0.6 * oracle
     assert metrics["parts"]["coherence"] >= 0 and "part_iou" not in metrics["train"]
     # the other token form is another learner (the same form with the same seed would repeat the method's maps)
     assert metrics["parts_mlp"]["part_iou"] != metrics["parts"]["part_iou"]
@@ -80,6 +83,11 @@ def test_the_methods_part_iou_is_that_of_its_ids_against_the_generators_masks(sy
     assert score["miou"] == pytest.approx(np.mean(list(per_class.values())), abs=1e-6)
     glob = part_iou(pixels, truth, num_ids=4, num_parts=len(PART_NAMES) - 1).miou
     assert score["miou_global"] == pytest.approx(glob, abs=1e-6)
+    # its chance level: the same ids, positions permuted inside each image with the stage's seed (parts.seed 0)
+    shuffled = np.kron(shuffle_within_images(torch.from_numpy(ids).long(), 0).numpy(), np.ones((4, 4), dtype=np.int64))
+    chance = [part_iou(shuffled[labels == c], truth[labels == c], num_ids=4, num_parts=len(PART_NAMES) - 1).miou
+              for c in range(len(CLASSES))]  # fmt: skip
+    assert score["miou_shuffled"] == pytest.approx(np.mean(chance), abs=1e-6)
 
 
 def test_the_figure_shows_the_ground_truth_column(synthetic):

@@ -6,8 +6,9 @@ heads, k-means (N clusters) on the teacher's patch tokens, the same part learner
 randomly initialised teacher of the same shape, and (for ``learned``) the learner with the other form
 of part tokens. Where the prepared set has ground-truth part masks (``prepare.source:
 synthetic_parts``), each also gets its part IoU (:func:`pipeline.parts.iou.class_part_iou`, pixel level,
-the patch ids spread over their pixels), next to the IoU of the patch-grid oracle (each patch's majority
-true part: the ceiling of any one-id-per-patch map).
+the patch ids spread over their pixels) and its chance level (the same ids shuffled inside each image),
+next to the IoU of the patch-grid oracle (each patch's majority true part: the ceiling of any
+one-id-per-patch map).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipeline.parts.metrics import (
     cls_attention,
     kmeans,
     segmentation_stats,
+    shuffle_within_images,
 )
 from pipeline.resume import ResumeStore, fingerprint
 from pipeline.parts.train import (
@@ -67,15 +69,18 @@ def _aligned_images(prepared_dir, split: str, size: int, keys: np.ndarray) -> tu
 
 
 def _part_iou(columns: dict[str, torch.Tensor], names: dict[str, str], truth: torch.Tensor, labels: torch.Tensor,
-              num_ids: dict[str, int], classes: list[str], part_names: list[str]) -> dict[str, dict]:  # fmt: skip
-    """Part IoU of every segmentation in ``columns`` (patch ids) against ``truth`` (pixels), and the oracle's."""
+              num_ids: dict[str, int], classes: list[str], part_names: list[str], seed: int) -> dict[str, dict]:  # fmt: skip
+    """Part IoU of every segmentation in ``columns`` (patch ids) against ``truth`` (pixels), and the oracle's; each
+    also scored with its patches shuffled inside every image (``miou_shuffled``: its chance level)."""
     size, grid, p = truth.shape[-1], next(iter(columns.values())).shape[-1], len(part_names) - 1
-    out = {}
-    for title, ids in columns.items():
-        conf = part_confusion(upsample_ids(ids.long(), size), truth, num_ids[title], p)
-        out[names[title]] = class_part_iou(conf, labels, classes, part_names)
-    oracle = upsample_ids(patch_majority(truth, grid, p + 1), size)
-    out["patch_grid_oracle"] = class_part_iou(part_confusion(oracle, truth, p + 1, p), labels, classes, part_names)
+
+    def score(ids: torch.Tensor, n: int) -> dict:
+        out = class_part_iou(part_confusion(upsample_ids(ids, size), truth, n, p), labels, classes, part_names)
+        chance = part_confusion(upsample_ids(shuffle_within_images(ids, seed), size), truth, n, p)
+        return {**out, "miou_shuffled": class_part_iou(chance, labels, classes, part_names)["miou"]}
+
+    out = {names[title]: score(ids.long(), num_ids[title]) for title, ids in columns.items()}
+    out["patch_grid_oracle"] = score(patch_majority(truth, grid, p + 1), p + 1)
     return out
 
 
@@ -192,7 +197,8 @@ def build_parts(
     for title, ids in columns.items():
         metrics[names[title]] = segmentation_stats(ids.long(), num_ids[title], cfg.seed)
     if truth is not None:
-        scores = _part_iou(columns, names, truth, va_labels, num_ids, prepared_index["classes"], part_names)
+        scores = _part_iou(columns, names, truth, va_labels, num_ids, prepared_index["classes"], part_names,
+                           cfg.seed)  # fmt: skip
         for name, score in scores.items():
             metrics.setdefault(name, {})["part_iou"] = score
 

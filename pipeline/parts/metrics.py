@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["part_shares", "coherence", "shuffled_coherence", "segmentation_stats", "kmeans", "attention_head_parts", "cls_attention",
+__all__ = ["part_shares", "coherence", "shuffled_coherence", "shuffle_within_images", "segmentation_stats", "kmeans", "attention_head_parts", "cls_attention",
            "tokens_and_cls_attention"]
 
 
@@ -28,12 +28,18 @@ def coherence(ids: torch.Tensor) -> float:
     return float(torch.cat([same_h.flatten(), same_v.flatten()]).mean())
 
 
-def shuffled_coherence(ids: torch.Tensor, seed: int = 0) -> float:
-    """Coherence after a random permutation of the positions inside each image (same shares)."""
+def shuffle_within_images(ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``ids [B, H, W]`` with the positions inside each image randomly permuted (seeded): every image keeps its
+    part sizes and loses where the parts are, the chance level of a segmentation."""
     b, h, w = ids.shape
     g = torch.Generator().manual_seed(seed)
     perm = torch.argsort(torch.rand(b, h * w, generator=g), dim=1)
-    return coherence(ids.flatten(1).gather(1, perm).view(b, h, w))
+    return ids.flatten(1).gather(1, perm).view(b, h, w)
+
+
+def shuffled_coherence(ids: torch.Tensor, seed: int = 0) -> float:
+    """Coherence after a random permutation of the positions inside each image (same shares)."""
+    return coherence(shuffle_within_images(ids, seed))
 
 
 def segmentation_stats(ids: torch.Tensor, num_parts: int, seed: int = 0) -> dict[str, float]:
