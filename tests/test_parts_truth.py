@@ -9,19 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ExportPartsConfig, ExtractConfig, PartsConfig, PrepareConfig, TeacherConfig, resolved_config
+from pipeline.config import ExportPartsConfig, ExtractConfig, PartsConfig, PrepareConfig
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.shards import iter_samples, shard_paths
 from pipeline.data.synthetic_parts import CLASSES, PART_NAMES, render
 from pipeline.features import extract_features, load_features
-from pipeline.models.checkpoint import build_vit, save_backbone
 from pipeline.parts.build import PARTS_CHECKPOINT, build_parts, load_part_learner
 from pipeline.parts.export import PARTS_FORMAT, export_parts
 from pipeline.parts.iou import part_iou
 from pipeline.parts.metrics import shuffle_within_images
 from pipeline.parts.train import part_ids
+from test_export_parts import make_teacher
 
-TINY = dict(arch="vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2)
 PARTS = dict(num_parts=4, epochs=1, batch_size=16, decoder_channels=8, style_dim=8, temperature=0.1,
              tokens="channel_grouping")  # fmt: skip
 SEED = 3
@@ -29,16 +28,12 @@ SEED = 3
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    """prepare (synthetic_parts, 32 px) -> a tiny random teacher -> extract -> train_parts (channel grouping)."""
+    """prepare (synthetic_parts, 32 px) -> a tiny random teacher (8 x 8 patches) -> extract -> train_parts (channel grouping)."""
     tmp = tmp_path_factory.mktemp("synthetic")
     prepared = tmp / "prepared"
     prepare_dataset(PrepareConfig(source="synthetic_parts", synthetic_size=32, seed=SEED, train_limit=48,
                                   val_limit=30, holdout_size=12, shard_size=20, num_workers=0), prepared)  # fmt: skip
-    teacher = tmp / "teacher"
-    teacher.mkdir()
-    torch.manual_seed(0)
-    save_backbone(build_vit(**TINY), teacher / "checkpoint_teacher.pth")
-    (teacher / "config.json").write_bytes(resolved_config(TeacherConfig.model_validate(TINY), "teacher"))
+    teacher = make_teacher(tmp / "teacher", 0, img_size=32)
     extract_features(ExtractConfig(batch_size=8), prepared, teacher, tmp / "features")
     metrics = build_parts(PartsConfig(**PARTS), prepared, teacher, tmp / "features", tmp / "parts",
                           figure_path=tmp / "fig.png")  # fmt: skip
@@ -107,28 +102,3 @@ def test_channel_grouping_parts_export_through_the_stage(synthetic, tmp_path):
     exported = list(iter_samples(shard_paths(tmp_path / "out", "val", PARTS_FORMAT)))
     np.testing.assert_array_equal(np.stack([s["parts"] for s in exported]), expected)
     assert [s["__key__"] for s in exported] == va["key"].tolist()
-
-
-def test_without_ground_truth_no_part_iou_is_reported(tmp_path):
-    """Shards of a source without masks (the Fashion-MNIST path): statistics only, no part_iou key."""
-    from conftest import write_idx
-
-    root = tmp_path / "fmnist"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for stem, n in (("train", 120), ("t10k", 40)):
-        write_idx(root / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
-        write_idx(root / f"{stem}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8) % 10)
-    prepared = tmp_path / "prepared"
-    prepare_dataset(PrepareConfig(root=str(root), train_limit=30, val_limit=20, holdout_size=20, shard_size=25,
-                                  num_workers=0), prepared)  # fmt: skip
-    teacher = tmp_path / "teacher"
-    teacher.mkdir()
-    tiny = {**TINY, "img_size": 16}
-    save_backbone(build_vit(**tiny), teacher / "checkpoint_teacher.pth")
-    (teacher / "config.json").write_bytes(resolved_config(TeacherConfig.model_validate(tiny), "teacher"))
-    extract_features(ExtractConfig(batch_size=8), prepared, teacher, tmp_path / "features")
-    metrics = build_parts(PartsConfig(**{**PARTS, "tokens": "mlp"}), prepared, teacher, tmp_path / "features",
-                          tmp_path / "parts")  # fmt: skip
-    assert "patch_grid_oracle" not in metrics and "parts_channel_grouping" in metrics
-    assert not any("part_iou" in v for v in metrics.values() if isinstance(v, dict))
