@@ -116,6 +116,7 @@ def compare(dvc_yaml: Path = REPO / "dvc.yaml") -> dict[str, dict]:
     commands = cli_commands()
     result = {}
     for stage, spec in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
+        spec = spec.get("do", spec)  # a foreach stage: its template
         cmd = " ".join(str(spec["cmd"]).split())
         match = re.match(r"(?:torchrun .*? --no-python )?semmae (\w+)", cmd)
         if not match or match.group(1) not in commands:

@@ -12,7 +12,8 @@ from typing import Callable
 import typer
 
 from pipeline.errors import PipelineError
-from stages import export_parts, extract, finetune, linprobe, prepare, pretrain, pretrain_figures, report, teacher, train_parts
+from stages import (export_parts, extract, finetune, linprobe, parts_source, prepare, pretrain, pretrain_figures, report,
+                    teacher, train_parts)
 
 app = typer.Typer(
     name="semmae",
@@ -27,6 +28,7 @@ app = typer.Typer(
 # Stages that run in one process: under torchrun, ranks > 0 return at once (rank 0 does the work and
 # writes). prepare has its own worker processes; the part learner trains on cached features in minutes;
 # pretrain_figures draws a few images on the CPU.
+# parts_source builds on rank 0, then exports on every rank.
 # teacher, extract, export_parts, pretrain, linprobe and finetune share their work across the ranks.
 RANK0_STAGES = {"check", "prepare", "train_parts", "pretrain_figures", "report"}
 
@@ -92,6 +94,7 @@ app.command("teacher")(_clean_errors(teacher.main))
 app.command("extract")(_clean_errors(extract.main))
 app.command("train_parts")(_clean_errors(train_parts.main))
 app.command("export_parts")(_clean_errors(export_parts.main))
+app.command("parts_source")(_clean_errors(parts_source.main))
 app.command("pretrain")(_clean_errors(pretrain.main))
 app.command("pretrain_figures")(_clean_errors(pretrain_figures.main))
 app.command("linprobe")(_clean_errors(linprobe.main))

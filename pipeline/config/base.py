@@ -21,8 +21,9 @@ __all__ = ["ConfigError", "StageConfig", "load_stage_config", "resolved_config",
            "read_params", "read_section", "SECTIONS"]
 
 # The top-level sections of a parameter file: one per stage config (``finetune`` also serves finetune_scratch,
-# ``linprobe`` linprobe_reference); dvc.yaml's ${...} and params: entries only name keys inside them.
-SECTIONS = ("prepare", "teacher", "extract", "parts", "export_parts", "pretrain", "linprobe", "finetune")
+# ``linprobe`` linprobe_reference; ``part_sources`` names the part sources pretrained beside the pipeline's own
+# parts); dvc.yaml's ${...} and params: entries only name keys inside them.
+SECTIONS = ("prepare", "teacher", "extract", "parts", "export_parts", "pretrain", "linprobe", "finetune", "part_sources")
 
 log = logging.getLogger("semmae.config")
 

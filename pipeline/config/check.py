@@ -17,6 +17,7 @@ from pipeline.config.base import ConfigError, load_stage_config, read_params
 from pipeline.config.extract import ExtractConfig
 from pipeline.config.finetune import FinetuneConfig
 from pipeline.config.linprobe import LinprobeConfig
+from pipeline.config.part_sources import load_part_sources
 from pipeline.config.parts import ExportPartsConfig, PartsConfig
 from pipeline.config.prepare import PrepareConfig
 from pipeline.config.pretrain import PretrainConfig, load_pretrain_config, valid_seeds
@@ -107,6 +108,11 @@ def check_params(params_path: str | Path) -> ParamsReport:
                 rep.add(exc)
     if "pretrain" in raw:
         _check_pretrain(rep, raw["pretrain"])
+    if "part_sources" in raw:  # a bad parts key is reported once: rep.add drops lines already reported
+        try:
+            rep.configs["part_sources"] = load_part_sources(path)
+        except ConfigError as exc:
+            rep.add(exc)
     _cross_checks(rep)
     return rep
 
@@ -175,10 +181,15 @@ def _cross_checks(rep: ParamsReport) -> None:
     if teacher is not None and teacher.init == "checkpoint" and not Path(teacher.checkpoint).is_file():
         rep.error(f"'teacher.checkpoint' = {teacher.checkpoint!r} does not exist: download the official iBOT "
                   "checkpoint there, or set teacher.init: train")  # fmt: skip
+    sources = c.get("part_sources")
     if teacher_grid is not None and parts is not None:
         if parts.method != "attention_heads" and parts.num_parts > teacher_grid**2:
             rep.error(f"'parts.num_parts' = {parts.num_parts} exceeds the {teacher_grid}x{teacher_grid} patches of "
                       f"the teacher (teacher.img_size / teacher.patch_size)")  # fmt: skip
+    for name, cfg in (sources.configs.items() if sources is not None and teacher_grid is not None else ()):
+        if cfg.method != "attention_heads" and cfg.num_parts > teacher_grid**2:
+            rep.error(f"part_sources.sources.{name}: num_parts = {cfg.num_parts} exceeds the {teacher_grid}x{teacher_grid} "
+                      "patches of the teacher (teacher.img_size / teacher.patch_size)")  # fmt: skip
     map_grid = None
     if export is not None:
         map_grid = export.grid if export.grid is not None else teacher_grid
