@@ -30,12 +30,16 @@ def main(
 ) -> None:
     """One row per pretrain variant (mean ± sd over pretrain.seeds), the from-scratch fine-tuning row and the
     references; each variant against the MAE baseline (the variant with random masking) and against
-    fine-tuning from scratch, paired by seed, with a 95% interval and a plain verdict."""
+    fine-tuning from scratch, paired by seed, with a 95% interval and a plain verdict. With part_sources.sources:
+    each source's runs (metrics in <linprobe>/sources and <pretrain>/sources) next to its part IoU, against the MAE baseline and the pipeline's own parts."""
     from pipeline.config.base import load_stage_config
     from pipeline.config.finetune import FinetuneConfig
     from pipeline.config.linprobe import LinprobeConfig
+    from pipeline.config.part_sources import load_part_sources
     from pipeline.config.pretrain import load_pretrain_config, pretrain_runs
-    from pipeline.eval.report import SCRATCH, ReportError, collect_rows, compare_rows, merge_curves, render_csv, render_markdown, summary_metrics, upstream_numbers
+    from pipeline.eval.report import (SCRATCH, SOURCES, ReportError, collect_rows, compare_rows, compare_sources, merge_curves,
+                                      part_iou_of, render_csv, render_markdown, render_sources, source_rows,
+                                      summary_metrics, upstream_numbers)
 
     variants, seeds = pretrain_runs(params)
     probe = load_stage_config(LinprobeConfig, params, "linprobe")
@@ -48,6 +52,17 @@ def main(
     baseline = next((v for v in variants if load_pretrain_config(params, v, seeds[0]).masking == "random"), None)
     rows = collect_rows(linprobe, pretrain, {v: over for v, over in variants.items()}, seeds, finetune)
     comparisons = compare_rows(rows, baseline)
+    sources = load_part_sources(params)
+    extra, sections, source_runs = [], [], []
+    if sources.sources:
+        extra = source_rows(linprobe, pretrain, sources.sources, seeds)
+        source_comparisons = compare_sources(extra, rows, baseline, sources.variant)
+        variant_iou = part_iou_of(parts) if parts is not None else None
+        sections = render_sources(extra, rows, source_comparisons, sources.variant, baseline, variant_iou)
+        comparisons_all = comparisons + source_comparisons
+        source_runs = [f"{SOURCES}/{n}-{s}" for n in sources.sources for s in seeds]
+    else:
+        comparisons_all = comparisons
     context = {
         "pretraining (pretrain.common)": f"{common.arch} {common.embed_dim}-d x {common.depth} blocks, patch "
         f"{common.patch_size} at {common.img_size} px, decoder {common.decoder_embed_dim}-d x {common.decoder_depth}; "
@@ -62,17 +77,17 @@ def main(
             f"{tuned.label_smoothing}; from scratch: the same recipe from a random initialisation")  # fmt: skip
     runs = [f"{v}-{s}" for v in variants for s in seeds]
     # every output is built before the first is written: a bad input (a malformed curves file) leaves none
-    outputs = {out: render_markdown(rows, comparisons, context, baseline), table: render_csv(rows),
-               curves / "pretrain.tsv": merge_curves(pretrain_curves, runs),
-               curves / "linprobe.tsv": merge_curves(linprobe_curves, runs)}  # fmt: skip
+    outputs = {out: render_markdown(rows, comparisons, context, baseline, sections), table: render_csv(rows + extra),
+               curves / "pretrain.tsv": merge_curves(pretrain_curves, runs + source_runs),
+               curves / "linprobe.tsv": merge_curves(linprobe_curves, runs + source_runs)}  # fmt: skip
     if finetune_curves is not None:
         tuned_runs = runs + [f"{SCRATCH}-{s}" for s in seeds]
         outputs[curves / "finetune.tsv"] = merge_curves(finetune_curves, tuned_runs)
-    summary = summary_metrics(rows, comparisons, upstream_numbers(teacher, parts))
+    summary = summary_metrics(rows + extra, comparisons_all, upstream_numbers(teacher, parts))
     for path, text in outputs.items():
         atomic_write_bytes(path, text.encode())
     atomic_write_json(metrics, summary)
-    for c in comparisons:
+    for c in comparisons_all:
         r = c["result"]
         log.info("%s - %s, %s: %s (%s over %d seed(s))", c["a"], c["b"], c["metric"], r.verdict,
                  "no difference measured" if r.mean is None else f"{100 * r.mean:+.2f} points", r.n)  # fmt: skip

@@ -19,7 +19,8 @@ from typing import Optional
 from pipeline.errors import PipelineError
 from pipeline.eval.stats import Comparison, mean_sd, paired_comparison
 
-__all__ = ["collect_rows", "compare_rows", "render_markdown", "render_csv", "summary_metrics", "row_label",
+__all__ = ["collect_rows", "compare_rows", "source_rows", "compare_sources", "render_sources", "part_iou_of", "SOURCES",
+           "render_markdown", "render_csv", "summary_metrics", "row_label",
            "merge_curves", "upstream_numbers", "SCRATCH", "ReportError"]  # fmt: skip
 
 PROBE = (("top1", "linear top-1"), ("top5", "linear top-5"), ("knn_top1", "k-NN top-1"))
@@ -88,17 +89,7 @@ def collect_rows(linprobe_dir: Path, pretrain_dir: Path, variants: dict, seeds: 
                           f"({finetune_dir}/{SCRATCH}-<seed>.json): rename the variant")  # fmt: skip
     rows = []
     for name, settings in variants.items():
-        row: dict = {"name": name, "key": name, "settings": settings, "seeds": seeds, "kind": "pretrained"}
-        probes = [(s, _load(linprobe_dir / f"{name}-{s}.json"), linprobe_dir / f"{name}-{s}.json") for s in seeds]
-        for key, _ in PROBE:
-            _add(row, key, {s: v for s, d, p in probes if (v := _number(d, key, p)) is not None})
-        row["probe_lr"] = {s: v for s, d, p in probes if (v := _number(d, "base_lr", p)) is not None}
-        losses = {}
-        for s in seeds:
-            path = pretrain_dir / f"{name}-{s}.json"
-            if (v := _number(_load(path), "final_loss", path)) is not None:
-                losses[s] = v
-        _add(row, "pretrain_loss", losses)
+        row = _pretrained_row(name, name, settings, seeds, linprobe_dir, pretrain_dir)
         if finetune_dir is not None:
             _add_finetune(row, _finetune_runs(finetune_dir, name, seeds, True))
         rows.append(row)
@@ -119,6 +110,103 @@ def collect_rows(linprobe_dir: Path, pretrain_dir: Path, variants: dict, seeds: 
         row["probe_lr"] = {0: v} if (v := _number(entry, "base_lr", path)) is not None else {}
         rows.append(row)
     return rows
+
+
+def _pretrained_row(name: str, key: str, settings: dict, seeds: list[int], linprobe_dir: Path, pretrain_dir: Path,
+                    kind: str = "pretrained") -> dict:  # fmt: skip
+    """A pretrained row: its probe metrics (``linprobe_dir/<name>-<seed>.json``) and final pretraining loss."""
+    row: dict = {"name": name, "key": key, "settings": settings, "seeds": seeds, "kind": kind}
+    probes = [(s, _load(linprobe_dir / f"{name}-{s}.json"), linprobe_dir / f"{name}-{s}.json") for s in seeds]
+    for metric, _ in PROBE:
+        _add(row, metric, {s: v for s, d, p in probes if (v := _number(d, metric, p)) is not None})
+    row["probe_lr"] = {s: v for s, d, p in probes if (v := _number(d, "base_lr", p)) is not None}
+    losses = {}
+    for s in seeds:
+        path = pretrain_dir / f"{name}-{s}.json"
+        if (v := _number(_load(path), "final_loss", path)) is not None:
+            losses[s] = v
+    _add(row, "pretrain_loss", losses)
+    return row
+
+
+def part_iou_of(path: Path) -> Optional[dict]:
+    """``{miou, miou_shuffled}`` of the method's parts in a train_parts / parts_source metrics file; None when the
+    prepared set had no ground truth (no ``part_iou`` there)."""
+    data = _load(path)
+    entry = (data.get("parts") or {}).get("part_iou")
+    if entry is None:
+        return None
+    out = {k: _number(entry, k, path) for k in ("miou", "miou_shuffled")}
+    if out["miou"] is None:
+        raise ReportError(f"{path}: 'parts.part_iou' has no 'miou': rerun the stage that writes it")
+    return out
+
+
+SOURCES = "sources"  # the source runs' metrics and curves: <dir>/sources/<name>-<seed>.{json,tsv}
+
+
+def source_rows(linprobe_dir: Path, pretrain_dir: Path, sources: dict[str, dict], seeds: list[int]) -> list[dict]:
+    """One row per part source (``part_sources.sources``): the source runs' probe metrics and losses over the
+    seeds, and the source's part IoU (``pretrain_dir/sources/<name>.parts.json``, written by parts_source)."""
+    rows = []
+    for name, settings in sources.items():
+        row = _pretrained_row(name, f"source_{name}", settings, seeds, linprobe_dir / SOURCES, pretrain_dir / SOURCES,
+                              kind="source")  # fmt: skip
+        row["name"] = f"parts: {name}"
+        row["part_iou"] = part_iou_of(pretrain_dir / SOURCES / f"{name}.parts.json")
+        rows.append(row)
+    return rows
+
+
+def compare_sources(sources: list[dict], rows: list[dict], baseline: Optional[str], variant: str) -> list[dict]:
+    """Each source row minus the MAE baseline and minus ``variant`` (the same runs on the pipeline's own parts),
+    paired by seed, on linear and k-NN top-1."""
+    by = {r["key"]: r for r in rows}
+    out = []
+    for r in sources:
+        for other in (baseline, variant):
+            if other is None or other not in by:
+                continue
+            for key in ("top1", "knn_top1"):
+                if key in r and key in by[other]:
+                    out.append({"a": r["key"], "b": other, "metric": key,
+                                "result": paired_comparison(r[key]["by_seed"], by[other][key]["by_seed"])})  # fmt: skip
+    return out
+
+
+def _iou(entry: Optional[dict]) -> str:
+    if entry is None:
+        return "–"
+    chance = "" if entry.get("miou_shuffled") is None else f" ({100 * entry['miou_shuffled']:.1f})"
+    return f"{100 * entry['miou']:.1f}{chance}"
+
+
+def render_sources(sources: list[dict], rows: list[dict], comparisons: list[dict], variant: str,
+                   baseline: Optional[str], variant_iou: Optional[dict]) -> list[str]:  # fmt: skip
+    """The markdown section "Where the parts come from": part IoU next to the accuracies, then the verdicts."""
+    by = {r["key"]: r for r in rows}
+    labels = _label_of(rows + sources)
+    lines = ["## Where the parts come from", "",
+             f"The {labels.get(variant, variant)} runs again, seed for seed, on other part maps: only the parts differ.",
+             "", "| parts | source settings | seeds | part IoU (chance) | linear top-1 | k-NN top-1 |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    shown = [(by[variant], "the parts section (pipeline's parts)", variant_iou)] if variant in by else []
+    shown += [(r, ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items())) or "the parts section", r["part_iou"])
+              for r in sources]  # fmt: skip
+    shown += [(by[baseline], "none (random masking)", None)] if baseline in by else []
+    for r, settings, iou in shown:
+        seeds = ",".join(map(str, r["seeds"])) or "–"
+        lines.append(f"| {labels[r['key']]} | {settings} | {seeds} | {_iou(iou)} | {_fmt(r.get('top1'))} | "
+                     f"{_fmt(r.get('knn_top1'))} |")  # fmt: skip
+    lines += ["", "Part IoU in % on the validation images (mean over object classes of the true parts' IoU with the "
+              "matched part ids, Hungarian matching per class), in brackets the same maps with their patches shuffled "
+              "inside each image (chance); – where the prepared set has no true parts.", ""]  # fmt: skip
+    if comparisons:
+        lines += ["| comparison | metric | mean difference (points) | 95% confidence interval | seeds | verdict |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [_comparison_line(c, labels) for c in comparisons]
+        lines.append("")
+    return lines
 
 
 def _add_finetune(row: dict, runs: list[tuple[int, dict, Path]]) -> None:
@@ -174,7 +262,8 @@ def _comparison_line(c: dict, labels: dict) -> str:
     return f"| {labels[c['a']]} − {labels[c['b']]} | {TITLES[c['metric']]} | {mean} | {ci} | {r.n} | {r.verdict} |"
 
 
-def render_markdown(rows: list[dict], comparisons: list[dict], context: dict, baseline: Optional[str]) -> str:
+def render_markdown(rows: list[dict], comparisons: list[dict], context: dict, baseline: Optional[str],
+                    sections: Optional[list[str]] = None) -> str:  # fmt: skip
     finetune = any(r["kind"] == "scratch" for r in rows)
     metrics = PROBE + (FINETUNE if finetune else ())
     labels = _label_of(rows)
@@ -203,6 +292,7 @@ def render_markdown(rows: list[dict], comparisons: list[dict], context: dict, ba
                   "seed gives one difference a − b (seeds present in both). The interval is mean ± t(0.975, n − 1) "
                   "× sd / √n; **win** when it lies above 0, **loss** when below, otherwise *no difference "
                   "detected*; a single seed gives no verdict (set pretrain.seeds to several seeds).", ""]  # fmt: skip
+    lines += list(sections or [])
     lines += ["## Settings", ""] + [f"- {k}: {v}" for k, v in context.items()]
     return "\n".join(lines) + "\n"
 
@@ -271,6 +361,8 @@ def summary_metrics(rows: list[dict], comparisons: list[dict], upstream: dict | 
                     entry[f"{key}_sd"] = round(s["std"], 6)
         if r.get("probe_lr"):
             entry["probe_base_lr"] = statistics.median_low(r["probe_lr"].values())
+        if r.get("part_iou"):
+            entry.update({f"part_{k}": round(v, 6) for k, v in r["part_iou"].items() if v is not None})
         out[r["key"]] = entry
     pairs: dict = {}
     for c in comparisons:
