@@ -155,7 +155,7 @@ def keys(tree, prefix="") -> set[str]:
     out = set()
     for k, v in tree.items():
         out.add(prefix + k)
-        if isinstance(v, dict) and prefix + k != "pretrain.variants":
+        if isinstance(v, dict) and prefix + k not in ("pretrain.variants", "part_sources.sources"):  # names, not keys
             out |= keys(v, prefix + k + ".")
     return out
 
@@ -323,11 +323,17 @@ def test_the_strategies_preset_is_the_default_with_seeds_and_the_four_strategies
 
 
 def test_the_synthetic_parts_preset_is_the_default_on_synthetic_parts_with_seeds():
-    """The synthetic-parts preset changes only the image source and the seeds: every other setting (the teacher,
-    the part learner, pretraining, the probes) is the default's, so its numbers read next to the default's."""
-    default = flat(yaml.safe_load((REPO / "params.yaml").read_text()))
-    synthetic = flat(yaml.safe_load((REPO / "configs" / "synthetic-parts.yaml").read_text()))
+    """The synthetic-parts preset changes only the image source, the seeds and the part sources it compares:
+    every other setting (the teacher, the part learner, pretraining, the probes) is the default's, so its numbers
+    read next to the default's; the sources are the learner's other token form and the three references."""
+    default = yaml.safe_load((REPO / "params.yaml").read_text())
+    preset = yaml.safe_load((REPO / "configs" / "synthetic-parts.yaml").read_text())
+    sources = preset["part_sources"].pop("sources")
+    assert default["part_sources"].pop("sources") == {}
+    default, synthetic = flat(default), flat(preset)
     assert set(synthetic) == set(default)
     changed = {k for k in default if default[k] != synthetic[k]}
     assert changed == {"prepare.source", "pretrain.seeds"}
     assert synthetic["prepare.source"] == "synthetic_parts" and len(synthetic["pretrain.seeds"]) >= 3
+    assert sources == {"channel_grouping": {"tokens": "channel_grouping"}, "kmeans": {"method": "kmeans"},
+                       "attention_heads": {"method": "attention_heads"}, "random_teacher": {"method": "random_teacher"}}
