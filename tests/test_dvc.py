@@ -159,6 +159,8 @@ EXPECTED_EXPERIMENTS = {
     "++pretrain.variants.block={masking:block}": [
         "finetune@block-0", "linprobe@block-0", "pretrain@block-0", "pretrain_figures@block-0", "report"],
     "parts.method=kmeans": ["train_parts"],
+    "++part_sources.sources.kmeans={method:kmeans}": ["linprobe_source@kmeans-0", "parts_source@kmeans",
+                                                       "pretrain_source@kmeans-0", "report"],
     "teacher.init=train": ["teacher"],
 }
 
