@@ -203,7 +203,8 @@ def test_a_missing_source_run_stops_the_report_naming_it(tmp_path):
 # --- the parts_source stage on tiny data with true parts -------------------------------------------------------
 
 TINY_PARTS = {"num_parts": 4, "epochs": 1, "batch_size": 16, "decoder_channels": 8, "style_dim": 8}
-TINY_SOURCES = {"same": {}, "kmeans": {"method": "kmeans"}, "grouping": {"tokens": "channel_grouping"}}
+TINY_SOURCES = {"same": {}, "kmeans": {"method": "kmeans"}, "grouping": {"tokens": "channel_grouping"},
+                "truth": {"method": "ground_truth"}}
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +258,40 @@ def test_each_source_builds_its_own_parts_as_train_parts_scores_them(sources_bui
     assert got["grouping"]["parts"]["part_iou"] == reference["parts_channel_grouping"]["part_iou"]
     assert got["same"]["parts"] == reference["parts"] and got["same"]["tokens"] == "mlp"
     assert got["grouping"]["parts"]["part_iou"] != got["same"]["parts"]["part_iou"]
+    # the control: each patch's majority true part is the patch-grid oracle train_parts scores
+    assert got["truth"]["parts"]["part_iou"] == reference["patch_grid_oracle"]["part_iou"]
+    assert got["truth"]["num_parts"] == 19 and got["truth"]["export"]["num_parts"] == 19  # 18 part names + background
     for name, data in got.items():
         assert data["source"] == name and data["export"]["val_samples"] == 30
         index = json.loads((sources_built / f"data/part_sources/{name}/part_shards/index.json").read_text())
         assert index["method"] == data["method"] and (sources_built / f"plots/{name}.png").is_file()
+
+
+def test_the_ground_truth_source_exports_each_patchs_majority_true_part(sources_built):
+    """Recomputed outside the pipeline: the generator draws every image's mask again; the exported map of every
+    train and val sample is its 4 x 4-pixel blocks' most frequent part (ties: the lowest id)."""
+    import numpy as np
+
+    from pipeline.data.shards import iter_samples, shard_paths
+    from pipeline.data.synthetic_parts import CLASSES, render
+    from pipeline.parts.export import PARTS_FORMAT
+
+    for split in ("train", "val"):
+        samples = list(iter_samples(shard_paths(sources_built / "data/part_sources/truth/part_shards", split, PARTS_FORMAT)))
+        assert len(samples) == {"train": 48, "val": 30}[split]
+        for s in samples:
+            stream, index = s["__key__"].split("_")  # the generator's stream and index (the key prepare stores)
+            mask = render(3, stream, int(index), 32, label=s["cls"]).mask
+            counts = np.stack([(mask == k).reshape(8, 4, 8, 4).sum(axis=(1, 3)) for k in range(19)])
+            np.testing.assert_array_equal(s["parts"], counts.argmax(0), err_msg=s["__key__"])
+        assert {s["cls"] for s in samples} == set(range(len(CLASSES)))
+
+
+def test_ground_truth_parts_need_true_masks(tmp_path):
+    path = write_params(tmp_path / "params.yaml", prepare={"source": "fashion_mnist"}, parts={}, pretrain=PRETRAIN,
+                        part_sources={"sources": {"truth": {"method": "ground_truth"}}})  # fmt: skip
+    errors = "\n".join(check_params(path).errors)
+    assert "'part_sources.sources.truth.method' = 'ground_truth' needs true part masks" in errors
+    path = write_params(tmp_path / "params.yaml", prepare={"source": "synthetic_parts", "train_limit": 60, "val_limit": 12},
+                        parts={"method": "ground_truth"}, pretrain=PRETRAIN)  # fmt: skip
+    assert not [e for e in check_params(path).errors if "'ground_truth' needs" in e]

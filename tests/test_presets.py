@@ -325,7 +325,7 @@ def test_the_strategies_preset_is_the_default_with_seeds_and_the_four_strategies
 def test_the_synthetic_parts_preset_is_the_default_on_synthetic_parts_with_seeds():
     """The synthetic-parts preset changes only the image source, the seeds and the part sources it compares:
     every other setting (the teacher, the part learner, pretraining, the probes) is the default's, so its numbers
-    read next to the default's; the sources are the learner's other token form and the three references."""
+    read next to the default's; the sources are the learner's other token form, the three references and the true parts."""
     default = yaml.safe_load((REPO / "params.yaml").read_text())
     preset = yaml.safe_load((REPO / "configs" / "synthetic-parts.yaml").read_text())
     sources = preset["part_sources"].pop("sources")
@@ -336,4 +336,5 @@ def test_the_synthetic_parts_preset_is_the_default_on_synthetic_parts_with_seeds
     assert changed == {"prepare.source", "pretrain.seeds"}
     assert synthetic["prepare.source"] == "synthetic_parts" and len(synthetic["pretrain.seeds"]) >= 3
     assert sources == {"channel_grouping": {"tokens": "channel_grouping"}, "kmeans": {"method": "kmeans"},
-                       "attention_heads": {"method": "attention_heads"}, "random_teacher": {"method": "random_teacher"}}
+                       "attention_heads": {"method": "attention_heads"}, "random_teacher": {"method": "random_teacher"},
+                       "ground_truth": {"method": "ground_truth"}}

@@ -14,11 +14,13 @@ __all__ = ["PartsConfig", "ExportPartsConfig"]
 class PartsConfig(StageConfig):
     """``parts``: the semantic part learner (``train_parts``) and the part maps (``export_parts``)."""
 
-    method: Literal["learned", "attention_heads", "kmeans", "random_teacher"] = Field(
+    method: Literal["learned", "attention_heads", "kmeans", "random_teacher", "ground_truth"] = Field(
         "learned", description="learned: SemMAE's part learner; attention_heads: argmax over the teacher's "
         "last-layer CLS-to-patch attention heads (no training; N = number of heads); kmeans: cosine k-means "
         "(N clusters) of the teacher's patch tokens; random_teacher: the part learner on a randomly "
-        "initialised teacher of the same shape. The last three are the ablations of the learned parts."
+        "initialised teacher of the same shape. The last three are the ablations of the learned parts. "
+        "ground_truth: each patch's majority true part (N = the part names + background), only on prepared "
+        "sets with true part masks (prepare.source: synthetic_parts): the control with parts known to be right."
     )  # fmt: skip
     tokens: Literal["mlp", "channel_grouping"] = Field(
         "mlp", description="Form of the part learner's part tokens (learned, random_teacher). mlp: "

@@ -8,7 +8,7 @@ of part tokens. Where the prepared set has ground-truth part masks (``prepare.so
 synthetic_parts``), each also gets its part IoU (:func:`pipeline.parts.iou.class_part_iou`, pixel level,
 the patch ids spread over their pixels) and its chance level (the same ids shuffled inside each image),
 next to the IoU of the patch-grid oracle (each patch's majority true part: the ceiling of any
-one-id-per-patch map).
+one-id-per-patch map). ``ground_truth`` takes that oracle as the parts (a control, on such sets only).
 """
 
 from __future__ import annotations
@@ -131,7 +131,13 @@ def build_parts(
             f"holds teacher {teacher_sha[:12]}: rerun the extract stage (dvc repro extract)"
         )
     grid, dim = tuple(index["teacher"]["grid"]), index["teacher"]["dim"]
-    n_parts = vit.blocks[-1].attn.num_heads if cfg.method == "attention_heads" else cfg.num_parts
+    prepared_index = read_index(prepared_dir)
+    part_names = prepared_index.get("part_names")  # ground truth: only sources that have it
+    if cfg.method == "ground_truth" and part_names is None:
+        raise FeatureError(f"parts.method=ground_truth needs true part masks, but {prepared_dir}/index.json records "
+                           "none: only prepare.source: synthetic_parts writes them")  # fmt: skip
+    n_parts = {"attention_heads": vit.blocks[-1].attn.num_heads,
+               "ground_truth": len(part_names or [])}.get(cfg.method, cfg.num_parts)  # fmt: skip
     if n_parts > grid[0] * grid[1]:
         raise FeatureError(f"parts.num_parts={n_parts} exceeds the {grid[0] * grid[1]} patches of the {grid} grid")
     tr, va = load_features(features_dir, "train"), load_features(features_dir, "val")
@@ -139,8 +145,6 @@ def build_parts(
     va_cls, va_patches = torch.from_numpy(va["cls"]), torch.from_numpy(va["patches"])
     tr_images, _ = _aligned_images(prepared_dir, "train", tcfg.img_size, tr["key"])
     va_images, va_labels = _aligned_images(prepared_dir, "val", tcfg.img_size, va["key"])
-    prepared_index = read_index(prepared_dir)
-    part_names = prepared_index.get("part_names")  # ground truth: only sources that have it
     truth = None
     if part_names is not None:
         truth, truth_keys = load_split_truth(prepared_dir, "val", tcfg.img_size)
@@ -171,6 +175,8 @@ def build_parts(
     elif cfg.method == "kmeans":
         model = _fit_kmeans(tr_patches, n_parts, cfg.seed, grid)
         columns["k-means parts (method)"] = model.part_logits(None, va_patches).argmax(1).to(torch.uint8)
+    elif cfg.method == "ground_truth":  # the control: nothing learned, each patch's majority true part
+        columns["true parts (method)"] = patch_majority(truth, grid[0], n_parts).to(torch.uint8)
     attention = _attention_ids(vit, va_images, grid)
     columns["attention heads"] = attention
     if references:
@@ -190,7 +196,7 @@ def build_parts(
             columns[f"learned parts ({other})"] = part_ids(other_model.cpu(), va_cls, va_patches)
     heads = vit.blocks[-1].attn.num_heads
     names = {"k-means": "kmeans", "random-teacher parts": "random_teacher",
-             "random-teacher parts (method)": "parts", "k-means parts (method)": "parts",
+             "random-teacher parts (method)": "parts", "k-means parts (method)": "parts", "true parts (method)": "parts",
              "attention heads": "parts" if cfg.method == "attention_heads" else "attention_heads",
              **{f"learned parts ({t})": "parts" if t == cfg.tokens else f"parts_{t}" for t in TOKEN_FORMS}}  # fmt: skip
     num_ids = {title: heads if title == "attention heads" else n_parts for title in columns}

@@ -8,6 +8,8 @@ them and batched per shard like ``extract``, so with the same batch size both gi
 In the same batches the teacher's last-block CLS-to-patch attention (mean over heads) is stored
 beside each map, for attention-guided masking (AttMask): computed once here, so pretraining never
 runs the teacher. It is always the real teacher's (``random_teacher`` only changes the part maps).
+For ``ground_truth`` the map is each patch's majority part in the sample's ``truth.png`` (its true part mask,
+through ``to_square``'s geometry): no teacher features, the attention only.
 
 Output (``out_dir``)::
 
@@ -33,11 +35,13 @@ import torch.nn.functional as F
 from pipeline import distributed as D
 from pipeline.config.base import resolved_config
 from pipeline.config.parts import ExportPartsConfig
-from pipeline.data.images import normalize, to_square
+from pipeline.data.images import normalize, to_square, truth_to_square
 from pipeline.data.shards import (
     PARTS_FORMAT,
+    ShardFormatError,
     decode_image,
     decode_sample,
+    decode_truth,
     iter_raw_samples,
     read_index,
     shard_entries,
@@ -45,6 +49,7 @@ from pipeline.data.shards import (
 )
 from pipeline.features import FeatureError, run_sharded_own_temporary
 from pipeline.io import ensure_free_space, file_sha256, json_bytes
+from pipeline.parts.iou import patch_majority
 from pipeline.parts.load import PARTS_CHECKPOINT, load_part_learner, parts_teacher
 from pipeline.parts.metrics import cls_attention, tokens_and_cls_attention
 from pipeline.teacher.load import load_teacher
@@ -116,9 +121,15 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
 
     teacher_grid = tuple(vit.patch_embed.grid_size)  # the grid of the attention the teacher gives
 
-    def maps_for(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Part ids ``uint8 [B, grid, grid]`` and attention ``float16 [B, grid, grid]`` of a batch."""
+    def maps_for(images: list[np.ndarray], truths: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Part ids ``uint8 [B, grid, grid]`` and attention ``float16 [B, grid, grid]`` of a batch (``truths``: its
+        true part masks on the images' pixels, for ``ground_truth``)."""
         x = normalize(torch.from_numpy(np.stack(images)).to(device).float() / 255)
+        if truths is not None:  # ground_truth: each patch's majority true part; the teacher gives the attention only
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                attn = attention_maps(vit, x, teacher_grid, grid)
+            ids = patch_majority(torch.from_numpy(np.stack(truths)), grid, meta["num_parts"])
+            return ids.to(torch.uint8).numpy(), attn.to(torch.float16).cpu().numpy()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if tokens_vit is vit and meta["method"] != "attention_heads":  # one teacher pass gives both
                 tokens, weights = tokens_and_cls_attention(vit, x)
@@ -139,7 +150,8 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
         for start in range(0, len(raw), cfg.batch_size):
             batch = raw[start : start + cfg.batch_size]
             decoded = [decode_sample(s) for s in batch]
-            m, a = maps_for([to_square(decode_image(d["image"], where=d["where"]), tcfg.img_size) for d in decoded])
+            truths = [_truth(s, d["where"]) for s, d in zip(batch, decoded)] if meta["method"] == "ground_truth" else None
+            m, a = maps_for([to_square(decode_image(d["image"], where=d["where"]), tcfg.img_size) for d in decoded], truths)
             ids.append(m)
             attn.append(a)
             bar.update(len(batch))
@@ -147,6 +159,12 @@ def export_parts(cfg: ExportPartsConfig, prepared_dir, teacher_dir, parts_dir, o
                    | {"parts.npy": _npy(m), "attn.npy": _npy(a)}
                    for s, m, a in zip(raw, np.concatenate(ids), np.concatenate(attn)))  # fmt: skip
         write_tar(tmp / split / shard.file, samples)
+
+    def _truth(raw: dict, where: str) -> np.ndarray:
+        if "truth.png" not in raw:
+            raise ShardFormatError(f"{where}: no truth.png, which parts.method=ground_truth reads: only prepare.source: "
+                                   "synthetic_parts writes true part masks")  # fmt: skip
+        return truth_to_square(decode_truth(raw["truth.png"], where), tcfg.img_size)
 
     entries = {split: shard_entries(prepared_dir, split) for split in ("train", "val")}  # checked names and sizes
     jobs = [(split, e) for split in ("train", "val") for e in entries[split]]

@@ -1,5 +1,5 @@
 """A trained part source as export_parts reads it (the learner, k-means centroids, or none for attention
-heads) and the teacher whose tokens it reads. Kept apart from ``build.py`` so export_parts does not depend
+heads and ground truth) and the teacher whose tokens it reads. Kept apart from ``build.py`` so export_parts does not depend
 on (and is not rerun for) the part learner's training code."""
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ def parts_teacher(vit, tcfg, parts_dir: str | Path):
 
 
 def load_part_learner(path: str | Path) -> tuple[Optional[PartLearner], dict]:
-    """A saved part learner (None for the attention-heads method) and its description (plain dict)."""
+    """A saved part learner (None for attention heads and ground truth) and its description (plain dict)."""
     path = Path(path)
     obj = _read(path)
     meta = obj["meta"]
-    if meta["method"] == "attention_heads":
+    if meta["method"] in ("attention_heads", "ground_truth"):
         return None, meta
     if meta["method"] == "kmeans":
         return KMeansParts(obj["state_dict"]["centers"], tuple(meta["grid"])).eval(), meta
