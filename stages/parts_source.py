@@ -47,8 +47,9 @@ def main(
     export_cfg = load_stage_config(ExportPartsConfig, params, "export_parts")
     D.init_distributed()  # under torchrun: rank 0 builds the parts, then every rank exports its share of shards
     main = D.is_main()
+    tokens = {"tokens": cfg.tokens} if cfg.method in ("learned", "random_teacher") else {}  # the learner's only
     if main:
-        log.info("part source %s: method=%s tokens=%s N=%d", source, cfg.method, cfg.tokens, cfg.num_parts)
+        log.info("part source %s: method=%s%s", source, cfg.method, "".join(f" {k}={v}" for k, v in tokens.items()))
     with exclusive_run(resume, "parts_source") if main else nullcontext():
         result = {}
         if main:
@@ -58,6 +59,5 @@ def main(
         D.barrier()
         exported = export_parts(export_cfg, prepared, teacher, out / "parts", out / "part_shards")
         if main:
-            tokens = {"tokens": cfg.tokens} if cfg.method in ("learned", "random_teacher") else {}
             atomic_write_json(metrics, {"source": source, **tokens, **result, "export": exported})
             log.info("part source %s: %s", source, result.get("parts"))

@@ -31,7 +31,8 @@ def main(
     """One row per pretrain variant (mean ± sd over pretrain.seeds), the from-scratch fine-tuning row and the
     references; each variant against the MAE baseline (the variant with random masking) and against
     fine-tuning from scratch, paired by seed, with a 95% interval and a plain verdict. With part_sources.sources:
-    each source's runs (metrics in <linprobe>/sources and <pretrain>/sources) next to its part IoU, against the MAE baseline and the pipeline's own parts."""
+    each source's runs (metrics in <linprobe>/sources and <pretrain>/sources) next to its part IoU, against the
+    MAE baseline and the pipeline's own parts."""
     from pipeline.config.base import load_stage_config
     from pipeline.config.finetune import FinetuneConfig
     from pipeline.config.linprobe import LinprobeConfig
@@ -53,16 +54,14 @@ def main(
     rows = collect_rows(linprobe, pretrain, {v: over for v, over in variants.items()}, seeds, finetune)
     comparisons = compare_rows(rows, baseline)
     sources = load_part_sources(params)
-    extra, sections, source_runs = [], [], []
+    extra, source_comparisons, sections, source_runs = [], [], [], []
     if sources.sources:
         extra = source_rows(linprobe, pretrain, sources.sources, seeds)
         source_comparisons = compare_sources(extra, rows, baseline, sources.variant)
         variant_iou = part_iou_of(parts) if parts is not None else None
         sections = render_sources(extra, rows, source_comparisons, sources.variant, baseline, variant_iou)
-        comparisons_all = comparisons + source_comparisons
         source_runs = [f"{SOURCES}/{n}-{s}" for n in sources.sources for s in seeds]
-    else:
-        comparisons_all = comparisons
+    comparisons_all = comparisons + source_comparisons
     context = {
         "pretraining (pretrain.common)": f"{common.arch} {common.embed_dim}-d x {common.depth} blocks, patch "
         f"{common.patch_size} at {common.img_size} px, decoder {common.decoder_embed_dim}-d x {common.decoder_depth}; "

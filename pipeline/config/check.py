@@ -182,20 +182,17 @@ def _cross_checks(rep: ParamsReport) -> None:
         rep.error(f"'teacher.checkpoint' = {teacher.checkpoint!r} does not exist: download the official iBOT "
                   "checkpoint there, or set teacher.init: train")  # fmt: skip
     sources = c.get("part_sources")
-    if teacher_grid is not None and parts is not None:
-        if parts.method not in ("attention_heads", "ground_truth") and parts.num_parts > teacher_grid**2:
-            rep.error(f"'parts.num_parts' = {parts.num_parts} exceeds the {teacher_grid}x{teacher_grid} patches of "
-                      f"the teacher (teacher.img_size / teacher.patch_size)")  # fmt: skip
-    for name, cfg in (sources.configs.items() if sources is not None and teacher_grid is not None else ()):
-        if cfg.method not in ("attention_heads", "ground_truth") and cfg.num_parts > teacher_grid**2:
-            rep.error(f"part_sources.sources.{name}: num_parts = {cfg.num_parts} exceeds the {teacher_grid}x{teacher_grid} "
-                      "patches of the teacher (teacher.img_size / teacher.patch_size)")  # fmt: skip
-    truth_users = ([("parts.method", parts)] if parts is not None else []) + [
-        (f"part_sources.sources.{name}.method", cfg) for name, cfg in (sources.configs.items() if sources else ())]
-    for key, cfg in truth_users:
+    part_configs = {"parts": parts} if parts is not None else {}  # the pipeline's parts and every source's
+    part_configs |= {f"part_sources.sources.{n}": cfg for n, cfg in (sources.configs.items() if sources else ())}
+    for where, cfg in part_configs.items():
+        fixed_n = cfg.method in ("attention_heads", "ground_truth")  # N from the teacher's heads / the part names
+        if teacher_grid is not None and not fixed_n and cfg.num_parts > teacher_grid**2:
+            what = f"'parts.num_parts' = {cfg.num_parts}" if where == "parts" else f"{where}: num_parts = {cfg.num_parts}"
+            rep.error(f"{what} exceeds the {teacher_grid}x{teacher_grid} patches of the teacher (teacher.img_size / "
+                      "teacher.patch_size)")  # fmt: skip
         if cfg.method == "ground_truth" and prep is not None and prep.source != "synthetic_parts":
-            rep.error(f"'{key}' = 'ground_truth' needs true part masks, which only prepare.source: synthetic_parts "
-                      f"writes (prepare.source is {prep.source!r}): choose another method")  # fmt: skip
+            rep.error(f"'{where}.method' = 'ground_truth' needs true part masks, which only prepare.source: "
+                      f"synthetic_parts writes (prepare.source is {prep.source!r}): choose another method")  # fmt: skip
     map_grid = None
     if export is not None:
         map_grid = export.grid if export.grid is not None else teacher_grid

@@ -11,7 +11,9 @@ from, so the report pairs them by seed with the MAE baseline and with the pipeli
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+
 from pydantic import ValidationError
 
 from pipeline.config.base import ConfigError, format_error, read_params, read_section
@@ -23,12 +25,14 @@ SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a path component and a DVC sta
 KEYS = ("variant", "sources")
 
 
+@dataclass(frozen=True)
 class PartSources:
     """The validated section: ``variant`` (a pretrain variant with semantic masking), ``sources`` (name ->
     overrides of ``parts``) and ``configs`` (name -> its full, validated :class:`PartsConfig`)."""
 
-    def __init__(self, variant: str, sources: dict[str, dict], configs: dict[str, PartsConfig]) -> None:
-        self.variant, self.sources, self.configs = variant, sources, configs
+    variant: str
+    sources: dict[str, dict]
+    configs: dict[str, PartsConfig]
 
 
 def _section(path: Path) -> dict:
@@ -87,4 +91,3 @@ def load_part_source(params_path: str | Path, name: str) -> PartsConfig:
     if name not in sources.configs:
         raise ConfigError(f"{params_path}: no source 'part_sources.sources.{name}' (has {sorted(sources.configs)})")
     return sources.configs[name]
-

@@ -162,16 +162,7 @@ def compare_sources(sources: list[dict], rows: list[dict], baseline: Optional[st
     """Each source row minus the MAE baseline and minus ``variant`` (the same runs on the pipeline's own parts),
     paired by seed, on linear and k-NN top-1."""
     by = {r["key"]: r for r in rows}
-    out = []
-    for r in sources:
-        for other in (baseline, variant):
-            if other is None or other not in by:
-                continue
-            for key in ("top1", "knn_top1"):
-                if key in r and key in by[other]:
-                    out.append({"a": r["key"], "b": other, "metric": key,
-                                "result": paired_comparison(r[key]["by_seed"], by[other][key]["by_seed"])})  # fmt: skip
-    return out
+    return _paired([(r, by[other], ["top1", "knn_top1"]) for r in sources for other in (baseline, variant) if other in by])
 
 
 def _iou(entry: Optional[dict]) -> str:
@@ -202,10 +193,7 @@ def render_sources(sources: list[dict], rows: list[dict], comparisons: list[dict
               "matched part ids, Hungarian matching per class), in brackets the same maps with their patches shuffled "
               "inside each image (chance); – where the prepared set has no true parts.", ""]  # fmt: skip
     if comparisons:
-        lines += ["| comparison | metric | mean difference (points) | 95% confidence interval | seeds | verdict |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [_comparison_line(c, labels) for c in comparisons]
-        lines.append("")
+        lines += _verdict_table(comparisons, labels) + [""]
     return lines
 
 
@@ -223,13 +211,14 @@ def compare_rows(rows: list[dict], baseline: Optional[str]) -> list[dict]:
     pairs = [(r, by[baseline], [k for k, _ in COMPARED]) for r in pretrained if baseline in by and r["key"] != baseline]
     if SCRATCH in by:
         pairs += [(r, by[SCRATCH], ["finetune_top1"]) for r in pretrained]
-    out = []
-    for a, b, metrics in pairs:
-        for key in metrics:
-            if key in a and key in b:
-                out.append({"a": a["key"], "b": b["key"], "metric": key,
-                            "result": paired_comparison(a[key]["by_seed"], b[key]["by_seed"])})  # fmt: skip
-    return out
+    return _paired(pairs)
+
+
+def _paired(pairs: list[tuple[dict, dict, list[str]]]) -> list[dict]:
+    """``{a, b, metric, result}`` for each ``(a, b, metrics)``: ``a - b`` paired by seed on every metric both have."""
+    return [{"a": a["key"], "b": b["key"], "metric": key,
+             "result": paired_comparison(a[key]["by_seed"], b[key]["by_seed"])}
+            for a, b, metrics in pairs for key in metrics if key in a and key in b]  # fmt: skip
 
 
 def _fmt(s: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
@@ -262,6 +251,11 @@ def _comparison_line(c: dict, labels: dict) -> str:
     return f"| {labels[c['a']]} − {labels[c['b']]} | {TITLES[c['metric']]} | {mean} | {ci} | {r.n} | {r.verdict} |"
 
 
+def _verdict_table(comparisons: list[dict], labels: dict) -> list[str]:
+    return ["| comparison | metric | mean difference (points) | 95% confidence interval | seeds | verdict |",
+            "|---|---|---|---|---|---|"] + [_comparison_line(c, labels) for c in comparisons]  # fmt: skip
+
+
 def render_markdown(rows: list[dict], comparisons: list[dict], context: dict, baseline: Optional[str],
                     sections: Optional[list[str]] = None) -> str:  # fmt: skip
     finetune = any(r["kind"] == "scratch" for r in rows)
@@ -285,9 +279,7 @@ def render_markdown(rows: list[dict], comparisons: list[dict], context: dict, ba
     if baseline is None:
         lines += ["No variant has random masking: there is no MAE baseline to compare the variants with.", ""]
     if comparisons:
-        lines += ["| comparison | metric | mean difference (points) | 95% confidence interval | seeds | verdict |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [_comparison_line(c, labels) for c in comparisons]
+        lines += _verdict_table(comparisons, labels)
         lines += ["", "Paired by seed: runs with the same seed share their initialisation and data order, so each "
                   "seed gives one difference a − b (seeds present in both). The interval is mean ± t(0.975, n − 1) "
                   "× sd / √n; **win** when it lies above 0, **loss** when below, otherwise *no difference "
